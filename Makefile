@@ -1,0 +1,27 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv on first
+# use and installs what it needs from the package registries.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install decode clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) experiments/demo.py
+
+test: install
+	$(PY) -m pytest tests
+
+decode: install
+	$(PY) experiments/decode.py --config=configs/decode.py --workdir=workdirs/decode
+
+clean:
+	rm -rf $(VENV) workdirs
