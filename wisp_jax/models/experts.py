@@ -59,14 +59,3 @@ class SourceSpec(abc.ABC):
   def build(self, arrays: Any) -> ExpertSource:
     """Returns the source that reads `arrays` inside a traced step."""
 
-
-class ResidentSpec(SourceSpec):
-
-  def build(self, arrays):
-    return ResidentSource(arrays)
-
-  def __eq__(self, other):
-    return type(other) is ResidentSpec
-
-  def __hash__(self):
-    return hash(ResidentSpec)

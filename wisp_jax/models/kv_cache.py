@@ -28,11 +28,11 @@ class KVCache:
 
   @classmethod
   def create(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype,
-             start) -> "KVCache":
+             start: jax.Array) -> "KVCache":
+    """Zeroed cache; `start` `[B]` int32 is a device array."""
     shape = (num_layers, batch, max_len, kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               start=jnp.asarray(start, jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+               start=start, index=jnp.zeros((), jnp.int32))
 
   def update(self, layer: int, k: jax.Array, v: jax.Array):
     """Writes `k`, `v` `[B, T, Hkv, Dh]` at `index`, returns keys and mask.

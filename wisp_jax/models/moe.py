@@ -4,9 +4,11 @@ Shape legend (used across wisp_jax): B batch, T time, D model, F expert ffn,
 E experts, K top-k, L layers, S slots, H heads, N tokens (B*T flattened),
 R rows of an expert table (E for a resident layer, S for a slot pool).
 
-Exactness: every expert source calls `expert_ffn` with the same token count
-N and the same rows' *bits*, so a token's expert output does not depend on
-where its expert's weights came from (resident, host, slot). `combine` sums
+Exactness: every expert source calls `expert_ffn` exactly once per layer
+and group, with the same token count N and the same rows' *bits*, so a
+token's expert output does not depend on where its expert's weights came
+from (resident, host, slot). Two calls on the same tokens in one layer are
+avoided: XLA may then fuse them into code with other rounding. `combine` sums
 the K outputs in routing order, never in slot or expert-id order.
 """
 

@@ -3,23 +3,28 @@
 `generate` left-pads the prompts, runs one jitted prefill, then one jitted
 decode step per new token. The decode step is traced once per (batch,
 cache length, source) and reused for every step: the cache index, sampling
-key and source state are traced arrays, never Python values.
+key and source state are traced arrays, never Python values, and every
+host/device move is explicit (the step runs under
+`jax.transfer_guard("disallow")`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wisp_jax.models.experts import ResidentSpec, SourceSpec
+from wisp_jax.models.experts import SourceSpec
 from wisp_jax.models.kv_cache import KVCache
 from wisp_jax.models.transformer import MoEModel
+from wisp_jax.paging import api as paging_api
+from wisp_jax.paging import bank as bank_lib
+from wisp_jax.paging.api import ExpertStats
 
 
 @dataclasses.dataclass
@@ -30,17 +35,18 @@ class GenerateOutput:
     tokens: `[B, max_new_tokens]` int32 generated tokens.
     logits: `[max_new_tokens, B, V]` float32 logits each token was drawn
       from (index 0: the prefill's last position), if requested.
-    routing_ids: `[steps, L, B, T, K]`-like list, one `[L, B, T, K]` int32
-      array per forward pass (prefill first), if requested.
-    routing_weights: the matching gate weights, if requested.
-    stats: the expert source's traffic statistics, if it keeps any.
+    routing_ids: if requested, one `[L, B, T, K]` int32 array per forward
+      pass: the prefill over the left-padded prompts (T = P), then one per
+      decode step (T = 1).
+    routing_weights: the matching gate weights.
+    stats: host-to-device expert traffic of the call.
     prompt_lengths: `[B]` int32 unpadded prompt lengths.
   """
   tokens: np.ndarray
   logits: np.ndarray | None = None
   routing_ids: list[np.ndarray] | None = None
   routing_weights: list[np.ndarray] | None = None
-  stats: Any = None
+  stats: ExpertStats | None = None
   prompt_lengths: np.ndarray | None = None
 
 
@@ -74,60 +80,60 @@ def _sample(logits, key, temperature, greedy: bool):
       key, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
 
 
-def _forward(graphdef, state, spec: SourceSpec, arrays, carry, tokens, kv):
+def step_impl(graphdef, state, spec: SourceSpec, arrays, carry, tokens, kv,
+              key, greedy: bool, temperature):
+  """One forward pass over `tokens` `[B, T]` and a sample of the next token.
+
+  Returns:
+    next tokens `[B]`, last-position logits `[B, V]` float32, the cache, the
+    source's carry, the routing `(ids, weights)` `[L, B, T, K]` and the
+    source's cumulative counters `[3, L]` (hits, misses, loads).
+  """
   decoder = nnx.merge(graphdef, state)
   positions = kv.positions(tokens.shape[1])
   logits, kv, carry, routing = decoder.forward(
       tokens, positions, kv, spec.build(arrays), carry)
-  return logits[:, -1].astype(jnp.float32), kv.advance(tokens.shape[1]), carry, routing
+  logits = logits[:, -1].astype(jnp.float32)
+  key = jax.random.fold_in(key, kv.index)
+  token = _sample(logits, key, temperature, greedy)
+  counters = jnp.stack(spec.counters(carry))
+  return token, logits, kv.advance(tokens.shape[1]), carry, routing, counters
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 8), donate_argnums=(4, 6))
-def prefill_step(graphdef, state, spec, arrays, carry, tokens, kv, key,
-                 greedy, temperature):
-  """Runs the prompts `[B, P]`; returns first token, logits, cache, carry."""
-  logits, kv, carry, routing = _forward(graphdef, state, spec, arrays, carry,
-                                        tokens, kv)
-  return _sample(logits, key, temperature, greedy), logits, kv, carry, routing
-
-
-def decode_step_impl(graphdef, state, spec, arrays, carry, token, kv, key,
-                     greedy, temperature):
-  """One new token per row: `token` `[B]` in, next token `[B]` out."""
-  logits, kv, carry, routing = _forward(graphdef, state, spec, arrays, carry,
-                                        token[:, None], kv)
-  return _sample(logits, key, temperature, greedy), logits, kv, carry, routing
-
-
-decode_step = jax.jit(decode_step_impl, static_argnums=(0, 2, 8),
-                      donate_argnums=(4, 6))
-
-
-def split_decoder(model: MoEModel):
-  """(graphdef, state) of the dense decoder, split once per call."""
-  return nnx.split(model.decoder)
+_jit_step = functools.partial(jax.jit, static_argnums=(0, 2, 8),
+                              donate_argnums=(4, 6))
+prefill_step = _jit_step(step_impl)
+# The decode step; tests swap in a trace-counting wrapper.
+decode_step = _jit_step(step_impl)
 
 
 def generate(model: MoEModel, prompts, max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0, *,
-             source: tuple[SourceSpec, Any, Any] | None = None,
-             return_logits: bool = False,
+             experts: str = "resident", slots_per_layer=None,
+             policy: str = "lru", policy_options: dict | None = None,
+             hot_set=None, bank=None, return_logits: bool = False,
              record_routing: bool = False) -> GenerateOutput:
   """Greedy or sampled continuation of a batch of prompts.
 
   Args:
     model: the MoE model.
-    prompts: a list of token-id sequences (lengths may differ).
+    prompts: token-id sequences (lengths may differ; rows are left-padded).
     max_new_tokens: tokens to generate per prompt.
     temperature: 0 for greedy decoding, > 0 to sample.
     seed: sampling seed (same seed, same samples).
-    source: (spec, arrays, carry) of the expert source; resident if None.
+    experts: where expert weights come from: `resident` (all on device,
+      the reference), `static_offload`, `transient` or `paged`.
+    slots_per_layer: device slots per layer for `paged` (int, or `[L]`).
+    policy: paging policy (`lru`, `lfu`, `fifo`, `ws`, `pinned`).
+    policy_options: e.g. `{"tau": 4}` for ws, `{"age_every": 16}` for lfu.
+    hot_set: `[L, S]` experts kept by `pinned`.
+    bank: a prebuilt host bank (`wisp_jax.paging.bank.make_bank`); built
+      from the model's experts when omitted.
     return_logits: keep the logits of every generated token.
     record_routing: keep the routing (ids, gate weights) of every pass.
 
   Returns:
-    a `GenerateOutput`; `.carry` of the source is returned in `.stats` by
-    sources that keep statistics.
+    a `GenerateOutput`.
   """
   config = model.config
   if max_new_tokens < 1:
@@ -141,37 +147,46 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
     raise ValueError(
         f"longest prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) "
         f"= {total} exceeds the model's max_seq_len={config.max_seq_len}.")
-  if source is None:
-    source = (ResidentSpec(), model.experts.weights(), None)
-  spec, arrays, carry = source
-  graphdef, state = split_decoder(model)
-  kv = KVCache.create(config.num_layers, batch, total, config.num_kv_heads,
-                      config.head_dim, model.dtype, start)
-  greedy = temperature == 0.0
-  temp = jnp.float32(max(temperature, 1e-6))
-  base_key = jax.random.key(seed)
+  if experts == "resident":
+    bank = model.experts.weights()
+  elif bank is None:
+    bank = bank_lib.make_bank(model.experts.weights())
+  spec, arrays, carry = paging_api.make_source(
+      config, bank, experts, slots_per_layer, policy, policy_options, hot_set)
 
-  token, logits, kv, carry, routing = prefill_step(
-      graphdef, state, spec, arrays, carry, jnp.asarray(tokens), kv,
-      jax.random.fold_in(base_key, 0), greedy, temp)
+  graphdef, state = nnx.split(model.decoder)
+  kv = KVCache.create(config.num_layers, batch, total, config.num_kv_heads,
+                      config.head_dim, model.dtype, jax.device_put(start))
+  greedy = temperature == 0.0
+  temp = jax.device_put(np.float32(max(temperature, 1e-6)))
+  key = jax.random.key(jax.device_put(np.uint32(seed)))
+
+  token, logits, kv, carry, routing, counts = prefill_step(
+      graphdef, state, spec, arrays, carry, jax.device_put(tokens), kv, key,
+      greedy, temp)
   out_tokens, out_logits, routes = [token], [logits], [routing]
-  for step in range(1, max_new_tokens):
-    token, logits, kv, carry, routing = decode_step(
-        graphdef, state, spec, arrays, carry, token, kv,
-        jax.random.fold_in(base_key, step), greedy, temp)
+  counters = [counts]
+  for _ in range(1, max_new_tokens):
+    token, logits, kv, carry, routing, counts = decode_step(
+        graphdef, state, spec, arrays, carry, token[:, None], kv, key, greedy,
+        temp)
     out_tokens.append(token)
+    counters.append(counts)
     if return_logits:
       out_logits.append(logits)
     if record_routing:
       routes.append(routing)
 
+  out_tokens, out_logits, routes, counters = jax.device_get(
+      (out_tokens, out_logits, routes, counters))
   result = GenerateOutput(
-      tokens=np.stack([np.asarray(t) for t in out_tokens], axis=1),
-      prompt_lengths=(tokens.shape[1] - start).astype(np.int32))
+      tokens=np.stack(out_tokens, axis=1),
+      prompt_lengths=(prompt_len - start).astype(np.int32),
+      stats=paging_api.stats_from_counters(
+          experts, counters, bank_lib.bytes_per_expert(bank)))
   if return_logits:
-    result.logits = np.stack([np.asarray(l) for l in out_logits])
+    result.logits = np.stack(out_logits)
   if record_routing:
-    result.routing_ids = [np.asarray(r[0]) for r in routes]
-    result.routing_weights = [np.asarray(r[1]) for r in routes]
-  result.stats = getattr(spec, "stats", lambda c: None)(carry)
+    result.routing_ids = [r[0] for r in routes]
+    result.routing_weights = [r[1] for r in routes]
   return result

@@ -1,0 +1,171 @@
+"""Tests of wisp_jax/models/checkpoint.py."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wisp_jax.models import checkpoint
+from wisp_jax.models.config import get_config
+from wisp_jax.models.transformer import MoEModel
+
+CONFIG = get_config("tiny")
+
+
+def _leaves(model):
+  return {path: np.asarray(v[...])
+          for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _tokens():
+  return jax.random.randint(jax.random.key(1), (2, 11), 0, CONFIG.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  model = MoEModel(CONFIG, rngs=nnx.Rngs(5))
+  path = tmp_path_factory.mktemp("ckpt") / "model"
+  checkpoint.save(model, path)
+  return model, path
+
+
+def test_round_trip_is_bit_exact(saved):
+  model, path = saved
+  restored = checkpoint.restore(path)
+  assert restored.config == CONFIG
+  assert restored.dtype == jnp.float32
+  expected, got = _leaves(model), _leaves(restored)
+  assert expected.keys() == got.keys()
+  # 3 experts; embed, final norm, lm head; 7 tensors per layer.
+  assert len(expected) == 3 + 3 + 7 * CONFIG.num_layers
+  for name in expected:
+    assert got[name].dtype == expected[name].dtype, name
+    assert np.array_equal(got[name], expected[name]), name
+  assert np.array_equal(restored(_tokens()), model(_tokens()))
+
+
+def test_layout_and_config_json(saved):
+  _, path = saved
+  meta = json.loads((path / "config.json").read_text())
+  assert meta["format"] == checkpoint.FORMAT
+  assert meta["dtype"] == "float32"
+  assert meta["config"] == dataclasses.asdict(CONFIG)
+  assert (path / "decoder").is_dir() and (path / "experts").is_dir()
+  assert checkpoint.load_config(path) == CONFIG
+
+
+def test_experts_restore_into_pinned_host(saved):
+  model, path = saved
+  experts = checkpoint.restore_experts(path, "pinned_host")
+  for name in ("gate", "up", "down"):
+    array = getattr(experts, name)
+    assert array.sharding.memory_kind == "pinned_host"
+    assert np.array_equal(np.asarray(array),
+                          np.asarray(getattr(model.experts, name)[...]))
+  assert experts.gate.shape == (CONFIG.num_layers, CONFIG.num_experts,
+                                CONFIG.d_model, CONFIG.expert_ffn)
+  assert experts.down.shape == (CONFIG.num_layers, CONFIG.num_experts,
+                                CONFIG.expert_ffn, CONFIG.d_model)
+  restored = checkpoint.restore(path, expert_memory_kind="pinned_host")
+  assert restored.experts.gate[...].sharding.memory_kind == "pinned_host"
+  assert restored.decoder.embed[...].sharding.memory_kind == "device"
+
+
+def test_dtype_conversion_on_restore(saved, tmp_path):
+  model, path = saved
+  bf16 = checkpoint.restore(path, dtype=jnp.bfloat16)
+  assert bf16.dtype == jnp.bfloat16
+  for name, value in _leaves(bf16).items():
+    assert value.dtype == jnp.bfloat16, name
+    expected = _leaves(model)[name].astype(jnp.bfloat16)
+    assert np.array_equal(value, expected), name
+  experts = checkpoint.restore_experts(path, "pinned_host", jnp.bfloat16)
+  assert experts.up.dtype == jnp.bfloat16
+  assert experts.up.sharding.memory_kind == "pinned_host"
+  # Stored as bf16, restored as float32: the exact upcast of the rounding.
+  checkpoint.save(model, tmp_path / "bf16", dtype=jnp.bfloat16)
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())[
+      "dtype"] == "bfloat16"
+  assert checkpoint.restore(tmp_path / "bf16").dtype == jnp.bfloat16
+  up = checkpoint.restore(tmp_path / "bf16", dtype=jnp.float32)
+  assert up.dtype == jnp.float32
+  for name, value in _leaves(up).items():
+    expected = _leaves(model)[name].astype(jnp.bfloat16).astype(np.float32)
+    assert np.array_equal(value, expected), name
+
+
+def test_save_overwrites_a_checkpoint_only(saved, tmp_path):
+  model, _ = saved
+  other = MoEModel(CONFIG, rngs=nnx.Rngs(6))
+  checkpoint.save(model, tmp_path / "c")
+  checkpoint.save(other, tmp_path / "c")
+  assert np.array_equal(checkpoint.restore(tmp_path / "c")(_tokens()),
+                        other(_tokens()))
+  (tmp_path / "not_ckpt").mkdir()
+  (tmp_path / "not_ckpt" / "notes.txt").write_text("keep me")
+  with pytest.raises(checkpoint.CheckpointError, match="refusing"):
+    checkpoint.save(model, tmp_path / "not_ckpt")
+  assert (tmp_path / "not_ckpt" / "notes.txt").read_text() == "keep me"
+
+
+def test_missing_directory(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.restore(tmp_path / "nowhere")
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.restore_experts(tmp_path / "nowhere", "pinned_host")
+
+
+def test_not_a_checkpoint(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="no config.json"):
+    checkpoint.restore(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="not a wisp_jax checkpoint"):
+    checkpoint.restore(tmp_path)
+  (tmp_path / "config.json").write_text("{broken")
+  with pytest.raises(checkpoint.CheckpointError, match="not valid JSON"):
+    checkpoint.restore(tmp_path)
+
+
+def test_incomplete_checkpoint(saved, tmp_path):
+  _, path = saved
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  with pytest.raises(checkpoint.CheckpointError, match="lacks its 'decoder'"):
+    checkpoint.restore(tmp_path)
+
+
+def test_config_mismatch(saved, tmp_path):
+  _, path = saved
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="config mismatch.*expert_ffn: checkpoint 20 vs "
+                     "expected 24"):
+    checkpoint.restore(path, config=CONFIG.replace(expert_ffn=24))
+  with pytest.raises(checkpoint.CheckpointError, match="config mismatch"):
+    checkpoint.restore_experts(path, "pinned_host",
+                               config=CONFIG.replace(num_experts=8))
+  # A config.json that disagrees with the stored tensors.
+  model = MoEModel(CONFIG, rngs=nnx.Rngs(0))
+  checkpoint.save(model, tmp_path / "c")
+  meta = json.loads((tmp_path / "c" / "config.json").read_text())
+  meta["config"]["expert_ffn"] = 24
+  (tmp_path / "c" / "config.json").write_text(json.dumps(meta))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"experts/gate has shape \(2, 6, 24, 20\), but its "
+                     r"config gives \(2, 6, 24, 24\)"):
+    checkpoint.restore_experts(tmp_path / "c", None)
+  meta["config"]["expert_ffn"] = 20
+  meta["config"]["tie_embeddings"] = True  # drops lm_head from the model
+  (tmp_path / "c" / "config.json").write_text(json.dumps(meta))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"unexpected tensors \['lm_head'\]"):
+    checkpoint.restore(tmp_path / "c")
+
+
+def test_unknown_memory_kind(saved):
+  _, path = saved
+  with pytest.raises(checkpoint.CheckpointError, match="memory kind"):
+    checkpoint.restore_experts(path, "hbm_far_away")

@@ -1,0 +1,135 @@
+"""Tests of wisp_jax/sim/mrc.py."""
+
+import numpy as np
+import pytest
+
+from wisp_jax.sim import mrc
+from wisp_jax.traces import synthetic
+from wisp_jax.traces.trace import DECODE, RoutingTrace
+
+
+def lru_hits_reference(trace: RoutingTrace, capacity: int) -> np.ndarray:
+  """Plain-Python per-layer LRU cache; returns `[L]` hits.
+
+  Per step and layer: U = distinct experts the step's tokens need; hits =
+  |U & cache|, misses = |U - cache|. Each miss evicts the least recently
+  used cached expert not in U, if the cache is full. Within a step, U's
+  experts count as used in ascending id order. If |U| > capacity, the
+  cache keeps the `capacity` highest ids of U after the step.
+  """
+  hits = np.zeros(trace.num_layers, np.int64)
+  for layer in range(trace.num_layers):
+    cache, last_use = set(), {}
+    for t, group in enumerate(trace.steps()):
+      needed = sorted(set(group.ids[:, layer].ravel().tolist()))
+      hits[layer] += sum(e in cache for e in needed)
+      for e in needed:
+        if e in cache:
+          continue
+        if len(cache) >= capacity:
+          victims = [v for v in cache if v not in needed]
+          if not victims:
+            continue  # transient: loaded for this step only
+          cache.remove(min(victims, key=last_use.__getitem__))
+        cache.add(e)
+      for order, e in enumerate(needed):
+        last_use[e] = (t, order)
+      if len(needed) > capacity:
+        cache = set(needed[-capacity:]) if capacity else set()
+  return hits
+
+
+def _one_layer_trace(steps: list[list[list[int]]], num_experts: int
+                     ) -> RoutingTrace:
+  """One layer; `steps[t]` lists the tokens (each a top-k list) of step t."""
+  rows = [(t, token) for t, tokens in enumerate(steps) for token in tokens]
+  ids = np.array([token for _, token in rows])[:, None, :]
+  return RoutingTrace(step=[t for t, _ in rows], request=np.zeros(len(rows),
+                                                                  int),
+                      phase=np.full(len(rows), DECODE),
+                      position=np.arange(len(rows)), ids=ids,
+                      weights=np.ones(ids.shape, np.float32),
+                      num_experts=num_experts)
+
+
+# E=4, K=1; per-step needed sets {0,1}, {1,2}, {0}, {1,3} (two tokens in
+# steps 0, 1, 3). Stack (most recent first, higher id first within a step):
+#   t0: cold 0, 1          -> [1, 0]
+#   t1: 1 at distance 0, 2 cold -> [2, 1, 0]
+#   t2: 0 at distance 2    -> [0, 2, 1]
+#   t3: 1 at distance 2, 3 cold.
+TINY = [[[0], [1]], [[1], [2]], [[0]], [[3], [1]]]
+
+
+def test_hand_computed_curve():
+  curve = mrc.mattson(_one_layer_trace(TINY, 4))
+  assert np.array_equal(curve.references, [7])
+  assert np.array_equal(curve.cold, [4])
+  assert np.array_equal(curve.distance_histogram, [[1, 0, 2, 0]])
+  assert np.array_equal(curve.hits, [[0, 1, 1, 3, 3]])
+  assert np.array_equal(curve.misses, [[7, 6, 6, 4, 4]])
+  assert np.array_equal(curve.hits_at(2), [1])
+  assert np.array_equal(curve.hits_at(99), [3])
+  assert np.array_equal(curve.misses_at([3]), [4])
+  assert curve.num_steps == 4
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 2, 3, 4])
+def test_reference_lru_matches_hand_curve(capacity):
+  hits = lru_hits_reference(_one_layer_trace(TINY, 4), capacity)
+  assert np.array_equal(hits, [[0, 1, 1, 3, 3][capacity]])
+
+
+def test_overflowing_step_keeps_highest_ids():
+  # Capacity 2, step 0 needs {0, 1, 2}: the cache keeps {1, 2}, so step 1
+  # ({0, 2}) hits only 2; then 1 (older than 0 and 2) is evicted for 3.
+  trace = _one_layer_trace([[[0, 1], [2, 0]], [[0, 2]], [[3, 0]],
+                            [[1, 2]]], 4)
+  curve = mrc.mattson(trace)
+  assert np.array_equal(lru_hits_reference(trace, 2), [2])
+  assert np.array_equal(curve.hits_at(2), [2])
+  assert np.array_equal(curve.hits[0], [0, 1, 2, 4, 5])
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: synthetic.uniform(3, 7, 2, 4, 12, 2, seed=s),
+    lambda s: synthetic.zipf(2, 9, 3, 3, 15, 3, alpha=1.0, seed=s),
+    lambda s: synthetic.sticky(2, 8, 2, 2, 20, 1, p_keep=0.7, seed=s),
+    lambda s: synthetic.cross_layer(3, 6, 2, 5, 8, 4, seed=s),
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mattson_equals_reference_lru_at_every_capacity(make, seed):
+  trace = make(seed)
+  curve = mrc.mattson(trace)
+  for capacity in range(trace.num_experts + 1):
+    assert np.array_equal(curve.hits_at(capacity),
+                          lru_hits_reference(trace, capacity)), capacity
+  assert np.array_equal(curve.references,
+                        trace.needed_masks().sum(axis=(0, 2)))
+  assert np.array_equal(curve.hits[:, -1],
+                        curve.references - curve.cold)
+
+
+def test_working_set_sizes_hand_computed():
+  trace = _one_layer_trace(TINY, 4)
+  sizes = mrc.working_set_sizes(trace, [1, 2, 4, 10])
+  # tau=1: mean |U| = 7/4; tau=2: windows {0,1,2}, {0,1,2}, {0,1,3};
+  # tau=4 and longer: all four experts.
+  assert np.allclose(sizes, [[1.75, 3.0, 4.0, 4.0]])
+  with pytest.raises(ValueError, match="tau must be >= 1"):
+    mrc.working_set_sizes(trace, [0])
+
+
+def test_reuse_intervals_hand_computed():
+  hist, cold = mrc.reuse_intervals(_one_layer_trace(TINY, 4))
+  # 1 reused after 1 step (t0 -> t1); 0 after 2 (t0 -> t2); 1 after 2.
+  assert np.array_equal(hist, [[0, 1, 2, 0]])
+  assert np.array_equal(cold, [4])
+
+
+def test_accepts_masks_and_rejects_other_arrays():
+  trace = synthetic.uniform(2, 5, 2, 2, 6, 2)
+  from_masks = mrc.mattson(trace.needed_masks())
+  assert np.array_equal(from_masks.hits, mrc.mattson(trace).hits)
+  with pytest.raises(ValueError, match=r"\[S, L, E\] bool"):
+    mrc.mattson(np.zeros((3, 5)))

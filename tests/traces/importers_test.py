@@ -1,0 +1,224 @@
+"""Tests of wisp_jax/traces/importers.py."""
+
+import dataclasses
+import gzip
+import json
+import re
+
+import numpy as np
+import pytest
+
+from wisp_jax.traces import importers, synthetic
+from wisp_jax.traces.trace import RoutingTrace
+
+
+def _row_in_step(trace: RoutingTrace) -> np.ndarray:
+  """Each event's row inside its forward batch."""
+  starts = np.unique(trace.step, return_index=True)[1]
+  first = starts[np.searchsorted(starts, np.arange(trace.num_tokens),
+                                 side="right") - 1]
+  return np.arange(trace.num_tokens) - first
+
+
+def _route(req, token, layer, ids, weights):
+  return {"type": "route", "req_id": req, "token_idx": int(token),
+          "layer": layer, "topk_ids": [int(i) for i in ids],
+          "topk_weights": [float(w) for w in weights]}
+
+
+def _write(path, rows):
+  with open(path, "w") as f:
+    f.write("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                    for r in rows))
+  return str(path)
+
+
+def _write_batched(tmp_path, trace, skip=(), warmup_steps=0, warmup_sets=None,
+                   meta=True):
+  """One file per layer, constant req_id, token_idx = row in the batch."""
+  rows_in_step = _row_in_step(trace)
+  paths = []
+  for layer in range(trace.num_layers):
+    rows = [{"type": "meta", "num_experts": trace.num_experts,
+             "top_k": trace.top_k, "model": "toy"}] if meta else []
+    for _ in range(warmup_steps):  # identical dummy tokens, skewed weights
+      rows += [_route("run", t, layer, warmup_sets[layer], [0.9, 0.1])
+               for t in range(4)]
+    rows += [_route("run", rows_in_step[i], layer, trace.ids[i, layer],
+                    trace.weights[i, layer])
+             for i in range(trace.num_tokens) if (layer, i) not in skip]
+    paths.append(_write(tmp_path / f"layer_{layer}.jsonl", rows))
+  return paths
+
+
+def _assert_same_events(got: RoutingTrace, want: RoutingTrace):
+  assert np.array_equal(got.ids, want.ids)
+  assert np.array_equal(got.weights, want.weights)
+
+
+def _varied_trace():
+  # 5 requests in waves of 3: four steps of 3 events, then four of 2.
+  return synthetic.uniform(3, 8, 2, 5, 4, 3, seed=3)
+
+
+def test_batched_constant_req_id_recovers_steps(tmp_path):
+  trace = _varied_trace()
+  _write_batched(tmp_path, trace)
+  got, report = importers.import_vllm_routes(tmp_path / "layer_*.jsonl")
+  assert report.layout == "batched"
+  assert np.array_equal(got.step, trace.step)
+  assert np.array_equal(got.position, _row_in_step(trace))
+  assert np.all(got.request == 0) and report.request_ids == {0: "run"}
+  _assert_same_events(got, trace)
+  assert (report.mismatched_rows, report.unmatched_steps) == (0, 0)
+  assert report.layer_ids == (0, 1, 2) and got.model == "toy"
+  assert got.num_experts == 8 and not report.num_experts_inferred
+
+
+def test_per_request_layout_in_one_file(tmp_path):
+  trace = _varied_trace()
+  rows = [_route(f"req-{trace.request[i]}", trace.position[i], layer,
+                 trace.ids[i, layer], trace.weights[i, layer])
+          for i in range(trace.num_tokens) for layer in range(3)]
+  got, report = importers.import_vllm_routes(
+      _write(tmp_path / "all.jsonl", rows), num_experts=8)
+  assert report.layout == "per_request"
+  assert np.array_equal(got.step, np.arange(trace.num_tokens))
+  assert np.array_equal(got.request, trace.request)
+  assert np.array_equal(got.position, trace.position)
+  assert report.request_ids == {r: f"req-{r}" for r in range(5)}
+  _assert_same_events(got, trace)
+
+
+def test_drop_warmup_detects_the_run_of_identical_sets(tmp_path):
+  trace = _varied_trace()
+  # The warm-up set equals each layer's first real set, so the run spills
+  # into the first real step; it must be cut at the step boundary.
+  sets = [trace.ids[0, layer] for layer in range(3)]
+  _write_batched(tmp_path, trace, warmup_steps=30, warmup_sets=sets)
+  got, report = importers.import_vllm_routes(tmp_path, drop_warmup=True)
+  assert report.warmup_rows_dropped == 30 * 4 * 3
+  assert np.array_equal(got.step, trace.step)
+  _assert_same_events(got, trace)
+  kept, report = importers.import_vllm_routes(tmp_path)
+  assert report.warmup_rows_dropped == 0
+  assert kept.num_steps == trace.num_steps + 30
+  short, report = importers.import_vllm_routes(tmp_path, drop_warmup=True,
+                                               min_warmup_rows=200)
+  assert report.warmup_rows_dropped == 0 and short.num_steps == 38
+
+
+def test_per_layer_files_with_dropped_rows(tmp_path):
+  trace = _varied_trace()
+  # Event 4 is row 1 of step 1; event 9 is row 0 of step 3.
+  _write_batched(tmp_path, trace, skip={(1, 4), (2, 9)})
+  got, report = importers.import_vllm_routes(tmp_path)
+  keep = ~np.isin(np.arange(trace.num_tokens), [4, 9])
+  assert np.array_equal(got.step, trace.step[keep])
+  _assert_same_events(got, trace.select(keep))
+  assert report.mismatched_rows == 4  # the other two layers' rows, twice
+  assert report.rows_per_layer == {0: 20, 1: 19, 2: 19}
+  assert report.unmatched_steps == 0
+
+
+def test_a_layer_that_lost_a_whole_step_is_not_misaligned(tmp_path):
+  base = synthetic.uniform(2, 8, 2, 11, 1, 11, seed=5)
+  trace = dataclasses.replace(base, step=[0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4])
+  _write_batched(tmp_path, trace, skip={(1, 5)})  # step 2 has one row
+  got, report = importers.import_vllm_routes(tmp_path)
+  keep = np.arange(11) != 5
+  _assert_same_events(got, trace.select(keep))
+  assert np.array_equal(got.step, [0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+  assert report.unmatched_steps == 1 and report.mismatched_rows == 1
+  assert any("step counts" in w for w in report.warnings)
+
+
+def _per_token_rows(trace, key="problem_id", name=lambda r: int(r)):
+  return [{key: name(trace.request[i]), "layer": layer,
+           "token_idx": int(trace.position[i]),
+           "experts": [int(e) for e in trace.ids[i, layer]],
+           "gating_probs": [float(w) for w in trace.weights[i, layer]]}
+          for i in range(trace.num_tokens) for layer in range(trace.num_layers)]
+
+
+@pytest.mark.parametrize("key, name", [("problem_id", int),
+                                       ("request_id", lambda r: f"q{r}")])
+def test_per_token_rows_in_any_order(tmp_path, key, name):
+  trace = synthetic.sticky(2, 8, 2, 3, 5, 2, seed=1)
+  rows = _per_token_rows(trace, key, name)
+  order = np.random.default_rng(0).permutation(len(rows))
+  path = tmp_path / "tokens.jsonl.gz"
+  with gzip.open(path, "wt") as f:
+    f.write("".join(json.dumps(rows[i]) + "\n" for i in order))
+  got, report = importers.import_per_token(path, num_experts=8)
+  by_time = np.lexsort((trace.position, trace.request))
+  assert np.array_equal(got.step, np.arange(trace.num_tokens))
+  assert np.array_equal(got.request, trace.request[by_time])
+  assert np.array_equal(got.position, trace.position[by_time])
+  assert np.array_equal(got.ids, trace.ids[by_time])
+  assert np.array_equal(got.weights, trace.weights[by_time])
+  assert report.request_ids == {r: name(r) for r in range(3)}
+
+
+GOOD = [_route(0, t, 0, [t, t + 1], [0.6, 0.4]) for t in range(3)]
+BAD_VLLM = [
+    ("{not json", "not valid JSON"),
+    ({k: v for k, v in GOOD[0].items() if k != "topk_weights"},
+     "missing field"),
+    (_route(0, 5, 0, [1, 2, 3], [0.5, 0.3, 0.2]), "expected top_k=2"),
+    (_route(0, 5, 0, [1, 8], [0.5, 0.5]), r"outside [0, 8)"),
+    (_route(0, 5, 0, [3, 3], [0.5, 0.5]), "repeats an expert"),
+    ({**_route(0, 5, 0, [1, 2], [0, 0]), "topk_weights": ["a", 1]},
+     "finite numbers"),
+    (_route(0, 5, -1, [1, 2], [0.5, 0.5]), "layer -1"),
+    ({"type": "stats", "n": 1}, "unknown row type 'stats'"),
+    ([1, 2], "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize("bad, message, layout", [
+    *[(bad, message, "auto") for bad, message in BAD_VLLM],
+    # Auto would read a repeated token as a new batched step.
+    (_route(0, 1, 0, [4, 5], [0.5, 0.5]), "repeats request 0 token 1",
+     "per_request")])
+def test_malformed_vllm_rows_name_file_and_line(tmp_path, bad, message,
+                                                layout):
+  meta = {"type": "meta", "num_experts": 8, "top_k": 2}
+  path = _write(tmp_path / "routes.jsonl", [meta, GOOD[0], GOOD[1], bad,
+                                            GOOD[2]])
+  with pytest.raises(ValueError, match=re.escape(f"{path}:4")) as info:
+    importers.import_vllm_routes(path, layout=layout)
+  assert re.search(re.escape(message), str(info.value))
+  got, report = importers.import_vllm_routes(path, skip_malformed=True,
+                                             layout=layout)
+  assert report.layout == "per_request"
+  assert report.malformed_skipped == 1
+  assert np.array_equal(got.position, [0, 1, 2])
+  assert np.array_equal(got.ids[:, 0], [[0, 1], [1, 2], [2, 3]])
+
+
+def test_malformed_per_token_rows(tmp_path):
+  trace = synthetic.uniform(1, 8, 2, 1, 3, 1)
+  rows = _per_token_rows(trace)
+  missing = {k: v for k, v in rows[0].items() if k != "problem_id"}
+  path = _write(tmp_path / "t.jsonl", rows + [missing, rows[1]])
+  with pytest.raises(ValueError, match=re.escape(f"{path}:4: missing field"
+                                                 "(s) ['problem_id or")):
+    importers.import_per_token(path)
+  got, report = importers.import_per_token(path, skip_malformed=True)
+  assert report.malformed_skipped == 2  # the missing id, the duplicate
+  assert "t.jsonl:5: repeats request 0 token 1" in report.malformed_examples[1]
+  _assert_same_events(got, trace)
+
+
+def test_metadata_conflicts_and_inference(tmp_path):
+  trace = synthetic.uniform(2, 8, 2, 2, 3, 2)
+  _write_batched(tmp_path, trace, meta=False)
+  got, report = importers.import_vllm_routes(tmp_path)
+  assert report.num_experts_inferred
+  assert got.num_experts == int(trace.ids.max()) + 1
+  _write_batched(tmp_path, trace)
+  with pytest.raises(ValueError, match="metadata says num_experts=8"):
+    importers.import_vllm_routes(tmp_path, num_experts=16)
+  with pytest.raises(ValueError, match="does not exist"):
+    importers.import_vllm_routes(tmp_path / "nope.jsonl")

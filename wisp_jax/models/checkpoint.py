@@ -1,0 +1,293 @@
+"""Native orbax checkpoints of a `MoEModel`.
+
+Layout of a checkpoint directory:
+
+```
+path/
+  config.json   {"format": "wisp_jax.moe_checkpoint", "version": 1,
+                 "dtype": "float32", "config": {MoEConfig fields}}
+  decoder/      orbax item: flat {"layers.0.attn.q_proj": [D, H*Dh], ...}
+  experts/      orbax item: {"gate": [L, E, D, F], "up": [L, E, D, F],
+                             "down": [L, E, F, D]}
+```
+
+The experts are a separate item so a pager can restore them alone, straight
+into host memory: orbax reads into the memory kind of the target
+`ShapeDtypeStruct`'s sharding, so with `pinned_host` the expert bytes never
+pass through device memory. A dtype other than the stored one is converted
+while reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from wisp_jax.models import moe
+from wisp_jax.models.config import MoEConfig
+from wisp_jax.models.transformer import MoEModel
+
+FORMAT = "wisp_jax.moe_checkpoint"
+VERSION = 1
+CONFIG_FILE = "config.json"
+DECODER_ITEM = "decoder"
+EXPERTS_ITEM = "experts"
+EXPERT_NAMES = ("gate", "up", "down")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, malformed or does not match what was asked."""
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Silences orbax's per-call INFO lines (it logs through absl)."""
+  verbosity = logging.get_verbosity()
+  # absl verbosity grows with detail: INFO=0 > WARNING=-1.
+  logging.set_verbosity(min(verbosity, logging.WARNING))
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _checkpointer() -> ocp.Checkpointer:
+  # Synchronous: `save` returns once the files are committed.
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def _flat_name(path: tuple[Any, ...]) -> str:
+  return ".".join(str(part) for part in path)
+
+
+def _decoder_flat(decoder) -> dict[str, Any]:
+  """The decoder's params as a flat `{dotted name: array}` dict."""
+  return {_flat_name(path): variable[...]
+          for path, variable in nnx.to_flat_state(nnx.state(decoder))}
+
+
+def save(model: MoEModel, path: str | os.PathLike, dtype=None) -> pathlib.Path:
+  """Writes `model` to the directory `path` (overwrites a wisp checkpoint).
+
+  Args:
+    model: the model to save.
+    path: checkpoint directory; created, or replaced if it already holds a
+      wisp_jax checkpoint.
+    dtype: store the weights in this dtype (e.g. `jnp.bfloat16` to halve
+      the size); the model's own dtype if None.
+
+  Returns:
+    the absolute checkpoint path.
+  """
+  path = pathlib.Path(path).absolute()
+  if path.exists() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
+    raise CheckpointError(
+        f"{path} exists, is not empty and is not a wisp_jax checkpoint; "
+        "refusing to overwrite it. Choose an empty or new directory.")
+  dtype = jnp.dtype(dtype or model.dtype)
+  cast = lambda x: jnp.asarray(x).astype(dtype)
+  decoder = {k: cast(v) for k, v in _decoder_flat(model.decoder).items()}
+  experts = {name: cast(getattr(model.experts, name)[...])
+             for name in EXPERT_NAMES}
+  path.mkdir(parents=True, exist_ok=True)
+  with _quiet():
+    checkpointer = _checkpointer()
+    checkpointer.save(path / DECODER_ITEM,
+                      args=ocp.args.StandardSave(decoder), force=True)
+    checkpointer.save(path / EXPERTS_ITEM,
+                      args=ocp.args.StandardSave(experts), force=True)
+  # Written last: a directory with config.json is a complete checkpoint.
+  meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name,
+          "config": dataclasses.asdict(model.config)}
+  (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+  return path
+
+
+def _read_meta(path: pathlib.Path) -> dict[str, Any]:
+  if not path.exists():
+    raise CheckpointError(f"checkpoint directory {path} does not exist.")
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint path {path} is not a directory.")
+  config_file = path / CONFIG_FILE
+  if not config_file.exists():
+    raise CheckpointError(
+        f"{path} is not a wisp_jax checkpoint: it has no {CONFIG_FILE}. "
+        "Write one with wisp_jax.models.checkpoint.save.")
+  try:
+    meta = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_file} is not valid JSON: {e}.") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(
+        f"{path} is not a wisp_jax checkpoint: {CONFIG_FILE} has format "
+        f"{meta.get('format') if isinstance(meta, dict) else None!r}, "
+        f"expected {FORMAT!r}.")
+  if meta.get("version") != VERSION:
+    raise CheckpointError(f"{path} has checkpoint version "
+                          f"{meta.get('version')!r}; this code reads {VERSION}.")
+  for item in (DECODER_ITEM, EXPERTS_ITEM):
+    if not (path / item).is_dir():
+      raise CheckpointError(f"checkpoint {path} lacks its {item!r} item "
+                            f"({path / item}); it is incomplete.")
+  return meta
+
+
+def load_config(path: str | os.PathLike) -> MoEConfig:
+  """The `MoEConfig` stored in the checkpoint at `path`."""
+  path = pathlib.Path(path).absolute()
+  fields = _read_meta(path)["config"]
+  known = {f.name for f in dataclasses.fields(MoEConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise CheckpointError(f"checkpoint {path} has config fields {unknown} "
+                          "that this MoEConfig does not know.")
+  return MoEConfig(**fields)
+
+
+def _check_config(path: pathlib.Path, stored: MoEConfig,
+                  expected: MoEConfig | None) -> None:
+  if expected is None or expected == stored:
+    return
+  diff = {f.name: (getattr(stored, f.name), getattr(expected, f.name))
+          for f in dataclasses.fields(MoEConfig)
+          if getattr(stored, f.name) != getattr(expected, f.name)}
+  details = ", ".join(f"{k}: checkpoint {a!r} vs expected {b!r}"
+                      for k, (a, b) in diff.items())
+  raise CheckpointError(f"config mismatch for checkpoint {path}: {details}.")
+
+
+def _targets(path: pathlib.Path, item: str,
+             expected: dict[str, jax.ShapeDtypeStruct], dtype,
+             sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Checks the stored tensors against `expected`; returns restore targets."""
+  with _quiet():
+    stored = _checkpointer().metadata(path / item).item_metadata
+  stored = {k: v for k, v in stored.items()}
+  missing = sorted(set(expected) - set(stored))
+  extra = sorted(set(stored) - set(expected))
+  if missing or extra:
+    raise CheckpointError(
+        f"checkpoint {path} item {item!r} does not match its config: "
+        f"missing tensors {missing}, unexpected tensors {extra}.")
+  for name, want in expected.items():
+    if tuple(stored[name].shape) != tuple(want.shape):
+      raise CheckpointError(
+          f"checkpoint {path} tensor {item}/{name} has shape "
+          f"{tuple(stored[name].shape)}, but its config gives "
+          f"{tuple(want.shape)}.")
+  return {name: jax.ShapeDtypeStruct(
+      want.shape, dtype or stored[name].dtype, sharding=sharding)
+          for name, want in expected.items()}
+
+
+def _sharding(memory_kind: str | None) -> jax.sharding.Sharding:
+  device = jax.devices()[0]
+  if memory_kind is None:
+    return jax.sharding.SingleDeviceSharding(device)
+  kinds = [m.kind for m in device.addressable_memories()]
+  if memory_kind not in kinds:
+    raise CheckpointError(f"memory kind {memory_kind!r} is not available on "
+                          f"{device}; it offers {kinds}.")
+  return jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind)
+
+
+def _expert_shapes(config: MoEConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  c = config
+  shape_in = (c.num_layers, c.num_experts, c.d_model, c.expert_ffn)
+  shape_out = (c.num_layers, c.num_experts, c.expert_ffn, c.d_model)
+  return {"gate": jax.ShapeDtypeStruct(shape_in, jnp.float32),
+          "up": jax.ShapeDtypeStruct(shape_in, jnp.float32),
+          "down": jax.ShapeDtypeStruct(shape_out, jnp.float32)}
+
+
+def restore_experts(path: str | os.PathLike, memory_kind: str | None =
+                    "pinned_host", dtype=None, *,
+                    config: MoEConfig | None = None) -> moe.ExpertWeights:
+  """Restores only the routed experts, into the given memory kind.
+
+  Args:
+    path: checkpoint directory.
+    memory_kind: where the arrays land ("pinned_host", "unpinned_host",
+      "device", or None for the default device memory). Orbax reads
+      straight into that memory; nothing is staged on the device.
+    dtype: convert to this dtype while reading; stored dtype if None.
+    config: if given, raise unless the checkpoint's config equals it.
+
+  Returns:
+    `ExpertWeights` with gate/up `[L, E, D, F]` and down `[L, E, F, D]`.
+  """
+  path = pathlib.Path(path).absolute()
+  stored_config = load_config(path)
+  _check_config(path, stored_config, config)
+  targets = _targets(path, EXPERTS_ITEM, _expert_shapes(stored_config), dtype,
+                     _sharding(memory_kind))
+  with _quiet():
+    arrays = _checkpointer().restore(path / EXPERTS_ITEM,
+                                     args=ocp.args.StandardRestore(targets))
+  return moe.ExpertWeights(**{name: arrays[name] for name in EXPERT_NAMES})
+
+
+def restore(path: str | os.PathLike, dtype=None,
+            expert_memory_kind: str | None = None, *,
+            config: MoEConfig | None = None) -> MoEModel:
+  """Restores a `MoEModel` saved by `save`.
+
+  Args:
+    path: checkpoint directory.
+    dtype: convert every weight to this dtype while reading (e.g. a float32
+      checkpoint restored as bfloat16); the stored dtype if None.
+    expert_memory_kind: memory kind of the expert arrays (e.g.
+      "pinned_host" for a pager's host bank); default device memory if None.
+    config: if given, raise unless the checkpoint's config equals it.
+
+  Returns:
+    the model; its experts live in `expert_memory_kind`.
+  """
+  path = pathlib.Path(path).absolute()
+  meta = _read_meta(path)
+  stored_config = load_config(path)
+  _check_config(path, stored_config, config)
+  dtype = jnp.dtype(dtype or meta["dtype"])
+
+  abstract = nnx.eval_shape(
+      lambda: MoEModel(stored_config, rngs=nnx.Rngs(0), dtype=dtype))
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = nnx.to_flat_state(abstract_state)
+  expected = {_flat_name(p[1:]): v.get_value() for p, v in flat
+              if p[0] == "decoder"}
+  targets = _targets(path, DECODER_ITEM, expected, dtype, _sharding(None))
+  with _quiet():
+    decoder = _checkpointer().restore(path / DECODER_ITEM,
+                                      args=ocp.args.StandardRestore(targets))
+  experts = restore_experts(path, expert_memory_kind, dtype)
+
+  values = []
+  for p, variable in flat:
+    if p[0] == "decoder":
+      value = decoder[_flat_name(p[1:])]
+    else:  # ("experts", name)
+      value = getattr(experts, p[1])
+    values.append((p, variable.replace(value)))
+  state = nnx.from_flat_state(values)
+  return nnx.merge(graphdef, state)
+
+
+def num_bytes(path: str | os.PathLike) -> int:
+  """Total size in bytes of the files of a checkpoint directory."""
+  return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*")
+             if f.is_file())
+

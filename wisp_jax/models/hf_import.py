@@ -1,0 +1,494 @@
+"""Imports local Hugging Face MoE checkpoints into an `MoEModel`.
+
+Supports the four architectures the model family can compute exactly:
+Mixtral, Qwen2-MoE (Qwen1.5-MoE), Qwen3-MoE and OLMoE, stored as
+`config.json` plus `model.safetensors` or sharded safetensors with a
+`model.safetensors.index.json`. Routed experts may be saved one tensor per
+expert (what `save_pretrained` writes and what the hub holds) or fused per
+layer (`experts.gate_up_proj` `[E, 2F, D]`, `experts.down_proj` `[E, D, F]`,
+the in-memory layout of transformers 5).
+
+Everything is checked before any weight is read: the config must describe a
+model `MoEConfig` can represent, and every tensor must exist with the
+expected shape, with no tensor left over. Weights are then read one tensor
+at a time, straight into the stacked arrays of the model, so peak host
+memory is about the model plus its largest stacked parameter.
+
+The safetensors files are read with a small reader of their (simple)
+format rather than the `safetensors` package: that package is no runtime
+dependency of wisp_jax, and its numpy backend cannot read bfloat16, the
+dtype of nearly every released MoE checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import struct
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from wisp_jax.models.config import MoEConfig
+from wisp_jax.models.transformer import MoEModel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+  """How one Hugging Face architecture names and configures its parts.
+
+  `rope_theta`, `rms_eps` and `max_seq_len` are the defaults of the
+  transformers config class, used when an old config.json lacks the key.
+  """
+  ffn_key: str  # config key of the routed expert width F.
+  qk_norm: str
+  rope_theta: float
+  rms_eps: float
+  max_seq_len: int
+  # MoE block name in checkpoints, canonical first.
+  moe_blocks: tuple[str, ...] = ("mlp",)
+  # Per-expert tensor names of the gate, up and down projections.
+  expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+ARCHITECTURES: dict[str, _Arch] = {
+    # transformers 5 renames Mixtral's block_sparse_moe to mlp in memory.
+    "MixtralForCausalLM": _Arch(
+        "intermediate_size", "none", rope_theta=1e6, rms_eps=1e-5,
+        max_seq_len=131072, moe_blocks=("block_sparse_moe", "mlp"),
+        expert_names=("w1", "w3", "w2")),
+    "Qwen2MoeForCausalLM": _Arch(
+        "moe_intermediate_size", "none", rope_theta=10000.0, rms_eps=1e-6,
+        max_seq_len=32768),
+    "Qwen3MoeForCausalLM": _Arch(
+        "moe_intermediate_size", "per_head", rope_theta=10000.0,
+        rms_eps=1e-6, max_seq_len=32768),
+    "OlmoeForCausalLM": _Arch(
+        "intermediate_size", "full", rope_theta=10000.0, rms_eps=1e-5,
+        max_seq_len=4096),
+}
+_MODEL_TYPES = {"mixtral": "MixtralForCausalLM",
+                "qwen2_moe": "Qwen2MoeForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM",
+                "olmoe": "OlmoeForCausalLM"}
+
+
+def architecture_of(hf: dict[str, Any]) -> str:
+  """The supported architecture named by a `config.json` dict."""
+  names = hf.get("architectures") or []
+  if not names and hf.get("model_type") in _MODEL_TYPES:
+    names = [_MODEL_TYPES[hf["model_type"]]]
+  known = [name for name in names if name in ARCHITECTURES]
+  if len(known) != 1:
+    raise ValueError(
+        f"config.json names architectures={names!r}; load_hf imports exactly "
+        f"one of {', '.join(ARCHITECTURES)}.")
+  return known[0]
+
+
+def _require(hf: dict[str, Any], key: str, arch: str):
+  if hf.get(key) is None:
+    raise ValueError(f"config.json of a {arch} lacks {key!r}, which sets the "
+                     "model's shape; add it from the model card.")
+  return hf[key]
+
+
+def _rope_theta(hf: dict[str, Any], default: float) -> float:
+  """RoPE base, refusing any rope scaling the model does not implement."""
+  theta = hf.get("rope_theta", default)
+  for key in ("rope_parameters", "rope_scaling"):
+    params = hf.get(key)
+    if not params:
+      continue
+    if not isinstance(params, dict) or any(isinstance(v, dict)
+                                           for v in params.values()):
+      raise ValueError(f"config.json {key}={params!r} is not one flat dict; "
+                       "load_hf supports a single default RoPE.")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+      raise ValueError(
+          f"config.json {key} has rope_type={rope_type!r}; the model "
+          "implements only the default (unscaled) RoPE.")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+      raise ValueError(f"config.json {key} rotates a part of each head "
+                       f"(partial_rotary_factor="
+                       f"{params['partial_rotary_factor']}); unsupported.")
+    theta = params.get("rope_theta", theta)
+  return float(theta if theta is not None else default)
+
+
+def _sliding_window(hf: dict[str, Any], arch: str) -> int | None:
+  """The attention window transformers would apply, or None for full."""
+  window = hf.get("sliding_window") or None
+  if arch == "MixtralForCausalLM":
+    return window
+  if arch == "Qwen2MoeForCausalLM":
+    layer_types = hf.get("layer_types") or ["sliding_attention"]
+    uses = hf.get("use_sliding_window") and "sliding_attention" in layer_types
+    return window if uses else None
+  if arch == "Qwen3MoeForCausalLM":
+    return window if hf.get("use_sliding_window") else None
+  return None  # OLMoE always attends causally over the full sequence.
+
+
+def config_from_hf(hf: dict[str, Any], name: str | None = None) -> MoEConfig:
+  """Translates a Hugging Face `config.json` dict into an `MoEConfig`.
+
+  Args:
+    hf: the parsed `config.json` of a supported architecture.
+    name: model name for the config; the `model_type` if None.
+
+  Returns:
+    the matching `MoEConfig`.
+
+  Raises:
+    ValueError: if the architecture is unsupported or the config describes
+      a model `MoEModel` cannot compute exactly (dense layers, sliding
+      window, scaled RoPE, qkv clipping, an activation other than SiLU).
+  """
+  arch = architecture_of(hf)
+  spec = ARCHITECTURES[arch]
+  act = hf.get("hidden_act", "silu")
+  if act not in ("silu", "swish"):
+    raise ValueError(f"config.json hidden_act={act!r}; the experts are SwiGLU "
+                     "and need 'silu'.")
+  if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+    raise ValueError(
+        f"config.json decoder_sparse_step={hf.get('decoder_sparse_step')}, "
+        f"mlp_only_layers={hf.get('mlp_only_layers')}: some layers are dense "
+        "MLPs, but every layer of MoEModel is an MoE layer. Needs "
+        "decoder_sparse_step=1 and mlp_only_layers=[].")
+  if hf.get("clip_qkv") is not None:
+    raise ValueError(f"config.json clip_qkv={hf['clip_qkv']}: clamping q/k/v "
+                     "is not implemented; needs clip_qkv=null.")
+  if arch in ("Qwen3MoeForCausalLM", "OlmoeForCausalLM") and hf.get(
+      "attention_bias"):
+    raise ValueError(f"config.json attention_bias=true: a {arch} then has an "
+                     "o_proj bias, which MoEModel lacks.")
+  max_seq_len = int(hf.get("max_position_embeddings") or spec.max_seq_len)
+  window = _sliding_window(hf, arch)
+  if window is not None and window < max_seq_len:
+    raise ValueError(
+        f"config.json uses sliding-window attention (sliding_window={window} "
+        f"< max_position_embeddings={max_seq_len}); MoEModel attends over "
+        "the full sequence. Needs use_sliding_window=false or "
+        "sliding_window=null.")
+
+  experts = {hf[k] for k in ("num_local_experts", "num_experts")
+             if hf.get(k) is not None}
+  if len(experts) != 1:
+    raise ValueError(
+        f"config.json must give the number of experts once as "
+        f"num_local_experts or num_experts; found {sorted(experts)}.")
+  d_model = int(_require(hf, "hidden_size", arch))
+  num_heads = int(_require(hf, "num_attention_heads", arch))
+  head_dim = int(hf.get("head_dim") or d_model // num_heads)
+  shared_ffn = (int(_require(hf, "shared_expert_intermediate_size", arch))
+                if arch == "Qwen2MoeForCausalLM" else 0)
+  return MoEConfig(
+      name=name or hf.get("model_type", arch),
+      vocab_size=int(_require(hf, "vocab_size", arch)),
+      d_model=d_model,
+      num_layers=int(_require(hf, "num_hidden_layers", arch)),
+      num_heads=num_heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+      head_dim=head_dim,
+      num_experts=int(experts.pop()),
+      top_k=int(_require(hf, "num_experts_per_tok", arch)),
+      expert_ffn=int(_require(hf, spec.ffn_key, arch)),
+      shared_ffn=shared_ffn,
+      shared_expert_gate=shared_ffn > 0,
+      # Mixtral always renormalises; the others default to not.
+      norm_topk_prob=(arch == "MixtralForCausalLM" or
+                      bool(hf.get("norm_topk_prob", False))),
+      qk_norm=spec.qk_norm,
+      qkv_bias=(arch == "Qwen2MoeForCausalLM" and
+                bool(hf.get("qkv_bias", True))),
+      rope_theta=_rope_theta(hf, spec.rope_theta),
+      rms_eps=float(hf.get("rms_norm_eps") or spec.rms_eps),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      max_seq_len=max_seq_len)
+
+
+# ---------------------------------------------------------------- safetensors
+
+_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"),
+           "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+  file: pathlib.Path
+  dtype: str
+  shape: tuple[int, ...]
+  offset: int  # absolute byte offset of the data in `file`
+  nbytes: int
+
+
+def _read_header(file: pathlib.Path) -> dict[str, _TensorInfo]:
+  """Tensor table of one safetensors file (u64 header size, JSON, data)."""
+  size = file.stat().st_size
+  with open(file, "rb") as fh:
+    prefix = fh.read(8)
+    header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
+    try:
+      if header_len > size - 8:
+        raise ValueError("header longer than the file")
+      header = json.loads(fh.read(header_len))
+    except ValueError as e:
+      raise ValueError(f"{file} is not a readable safetensors file ({e}); "
+                       "re-save it with save_pretrained.") from None
+  tensors = {}
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    if entry["dtype"] not in _DTYPES:
+      raise ValueError(f"tensor {name!r} in {file} has dtype "
+                       f"{entry['dtype']}; load_hf reads "
+                       f"{', '.join(_DTYPES)} (no quantised checkpoints).")
+    shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if (end - begin != math.prod(shape) * _DTYPES[entry["dtype"]].itemsize
+        or 8 + header_len + end > size):
+      raise ValueError(f"{file} is corrupt or truncated: tensor {name!r} of "
+                       f"shape {shape} spans bytes {begin}..{end}.")
+    tensors[name] = _TensorInfo(file, entry["dtype"], shape,
+                                8 + header_len + begin, end - begin)
+  return tensors
+
+
+class _Checkpoint:
+  """Lazily reads the tensors of a (possibly sharded) safetensors checkpoint."""
+
+  def __init__(self, directory: pathlib.Path):
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.is_file():
+      weight_map = json.loads(index.read_text()).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no 'weight_map' of tensor -> shard.")
+      files = sorted({directory / f for f in weight_map.values()})
+      for file in files:
+        if not file.is_file():
+          raise FileNotFoundError(f"{index} lists shard {file.name}, which is "
+                                  f"missing from {directory}.")
+    elif single.is_file():
+      files = [single]
+    else:
+      raise FileNotFoundError(
+          f"{directory} holds no model.safetensors nor "
+          "model.safetensors.index.json; save the model with "
+          "save_pretrained(..., safe_serialization=True).")
+    self.tensors: dict[str, _TensorInfo] = {}
+    for file in files:
+      self.tensors.update(_read_header(file))
+    self._last: tuple[str, np.ndarray] | None = None
+
+  def read(self, name: str) -> np.ndarray:
+    """Tensor `name` as numpy, in its stored dtype."""
+    if self._last is not None and self._last[0] == name:
+      return self._last[1]  # a fused gate_up tensor feeds two parameters.
+    info = self.tensors[name]
+    with open(info.file, "rb") as fh:
+      fh.seek(info.offset)
+      data = fh.read(info.nbytes)
+    array = np.frombuffer(data, _DTYPES[info.dtype]).reshape(info.shape)
+    self._last = (name, array)
+    return array
+
+
+# ---------------------------------------------------------------- mapping
+
+
+def _swap_last(t: np.ndarray) -> np.ndarray:
+  """torch `[out, in]` (or `[E, out, in]`) to our `[in, out]` layout."""
+  return np.swapaxes(t, -1, -2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Copy:
+  """One checkpoint tensor and where it lands in a model parameter."""
+  source: str
+  shape: tuple[int, ...]  # expected shape in the checkpoint
+  index: tuple[int, ...] = ()  # position in the destination parameter
+  transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+Plan = list[tuple[nnx.Variable, list[_Copy]]]
+
+
+def _expert_copies(c: MoEConfig, arch: _Arch, prefix: str,
+                   layer: int, names: set[str]) -> tuple[list, list, list]:
+  """Copies into the stacked gate, up and down experts of one layer."""
+  d, e, f = c.d_model, c.num_experts, c.expert_ffn
+  fused = prefix + "experts.gate_up_proj"
+  if fused in names:
+    return ([_Copy(fused, (e, 2 * f, d), (layer,),
+                   lambda t: _swap_last(t[:, :f]))],
+            [_Copy(fused, (e, 2 * f, d), (layer,),
+                   lambda t: _swap_last(t[:, f:]))],
+            [_Copy(prefix + "experts.down_proj", (e, d, f), (layer,),
+                   _swap_last)])
+
+  def per_expert(weight: str, shape: tuple[int, int]) -> list[_Copy]:
+    return [_Copy(f"{prefix}experts.{i}.{weight}.weight", shape, (layer, i),
+                  _swap_last) for i in range(e)]
+
+  gate, up, down = arch.expert_names
+  return (per_expert(gate, (f, d)), per_expert(up, (f, d)),
+          per_expert(down, (d, f)))
+
+
+def _plan(model: MoEModel, arch: _Arch, names: set[str]) -> Plan:
+  """Every parameter of `model` with the checkpoint tensors that fill it."""
+  c = model.config
+  d, v = c.d_model, c.vocab_size
+  q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  dec = model.decoder
+  plan: Plan = [(dec.embed, [_Copy("model.embed_tokens.weight", (v, d))]),
+                (dec.final_norm, [_Copy("model.norm.weight", (d,))])]
+  if not c.tie_embeddings:
+    plan.append((dec.lm_head, [_Copy("lm_head.weight", (v, d), (),
+                                     _swap_last)]))
+  gate, up, down = [], [], []
+  for l, layer in enumerate(dec.layers):
+    p = f"model.layers.{l}."
+    block = next((b for b in arch.moe_blocks if f"{p}{b}.gate.weight" in names),
+                 arch.moe_blocks[0])
+    moe = f"{p}{block}."
+    attn = layer.attn
+
+    def linear(name: str, shape: tuple[int, int], p=p) -> list[_Copy]:
+      return [_Copy(p + name, shape, (), _swap_last)]
+
+    plan += [
+        (layer.input_norm, [_Copy(p + "input_layernorm.weight", (d,))]),
+        (layer.post_attn_norm,
+         [_Copy(p + "post_attention_layernorm.weight", (d,))]),
+        (attn.q_proj, linear("self_attn.q_proj.weight", (q_out, d))),
+        (attn.k_proj, linear("self_attn.k_proj.weight", (kv_out, d))),
+        (attn.v_proj, linear("self_attn.v_proj.weight", (kv_out, d))),
+        (attn.o_proj, linear("self_attn.o_proj.weight", (d, q_out))),
+        (layer.router, [_Copy(moe + "gate.weight", (c.num_experts, d), (),
+                              _swap_last)]),
+    ]
+    if c.qkv_bias:
+      plan += [(attn.q_bias, [_Copy(p + "self_attn.q_proj.bias", (q_out,))]),
+               (attn.k_bias, [_Copy(p + "self_attn.k_proj.bias", (kv_out,))]),
+               (attn.v_bias, [_Copy(p + "self_attn.v_proj.bias", (kv_out,))])]
+    if c.qk_norm != "none":
+      per_head = c.qk_norm == "per_head"
+      plan += [(attn.q_norm, [_Copy(p + "self_attn.q_norm.weight",
+                                    (c.head_dim,) if per_head else (q_out,))]),
+               (attn.k_norm, [_Copy(p + "self_attn.k_norm.weight",
+                                    (c.head_dim,) if per_head else (kv_out,))])]
+    if c.shared_ffn:
+      s = c.shared_ffn
+      plan += [
+          (layer.shared_gate_proj, linear("mlp.shared_expert.gate_proj.weight",
+                                          (s, d))),
+          (layer.shared_up_proj, linear("mlp.shared_expert.up_proj.weight",
+                                        (s, d))),
+          (layer.shared_down_proj, linear("mlp.shared_expert.down_proj.weight",
+                                          (d, s))),
+      ]
+      if c.shared_expert_gate:
+        plan.append((layer.shared_expert_gate,
+                     linear("mlp.shared_expert_gate.weight", (1, d))))
+    layer_gate, layer_up, layer_down = _expert_copies(c, arch, moe, l, names)
+    gate += layer_gate
+    up += layer_up
+    down += layer_down
+  plan += [(model.experts.gate, gate), (model.experts.up, up),
+           (model.experts.down, down)]
+  return plan
+
+
+def _check(plan: Plan, ckpt: _Checkpoint, c: MoEConfig, where: str) -> None:
+  """Raises listing every missing, mis-shaped or unused tensor."""
+  problems, used = [], set()
+  for _, copies in plan:
+    for cp in copies:
+      used.add(cp.source)
+      info = ckpt.tensors.get(cp.source)
+      if info is None:
+        problems.append(f"tensor {cp.source!r} is missing (expected shape "
+                        f"{cp.shape})")
+      elif info.shape != cp.shape:
+        problems.append(f"tensor {cp.source!r} has shape {info.shape}, "
+                        f"expected {cp.shape}")
+  ignored = {"lm_head.weight"} if c.tie_embeddings else set()
+  unused = sorted(n for n in ckpt.tensors if n not in used and n not in ignored
+                  and not n.endswith("rotary_emb.inv_freq"))
+  if unused:
+    problems.append(
+        f"{len(unused)} tensor(s) have no place in the model, e.g. "
+        f"{', '.join(map(repr, unused[:3]))}; the checkpoint holds weights "
+        "its config does not describe, which MoEModel cannot compute")
+  if problems:
+    shown = "; ".join(problems[:8])
+    more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+    raise ValueError(f"Checkpoint {where} does not match its config.json: "
+                     f"{shown}{more}.")
+
+
+def load_hf(path: str | pathlib.Path, dtype=jnp.float32) -> MoEModel:
+  """Loads a local Hugging Face MoE checkpoint as an `MoEModel`.
+
+  Args:
+    path: directory with `config.json` and `model.safetensors` (or shards
+      and `model.safetensors.index.json`).
+    dtype: parameter dtype of the model (e.g. `jnp.float32`, `jnp.bfloat16`);
+      stored weights are cast to it.
+
+  Returns:
+    the model, routed experts stacked `[L, E, ...]` in `model.experts`.
+
+  Raises:
+    FileNotFoundError: if the directory, its config or its weights are
+      missing.
+    ValueError: if the config is unsupported or a tensor is missing, has
+      the wrong shape or is left over.
+  """
+  directory = pathlib.Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"Checkpoint directory {directory} does not "
+                            "exist; pass a local save_pretrained directory.")
+  config_file = directory / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{directory} has no config.json; pass the "
+                            "directory written by save_pretrained.")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype={dtype} is not a floating-point dtype.")
+  hf = json.loads(config_file.read_text())
+  try:
+    config = config_from_hf(hf, name=directory.name)
+  except ValueError as e:
+    raise ValueError(f"{config_file}: {e}") from None
+  arch = ARCHITECTURES[architecture_of(hf)]
+  ckpt = _Checkpoint(directory)
+
+  # Shapes only: no random weights are drawn for a model about to be filled.
+  model = nnx.eval_shape(lambda: MoEModel(config, dtype=dtype))
+  plan = _plan(model, arch, set(ckpt.tensors))
+  _check(plan, ckpt, config, str(directory))
+  np_dtype = np.dtype(dtype)
+  for variable, copies in plan:
+    buffer = np.empty(variable.get_value().shape, np_dtype)
+    for cp in copies:
+      tensor = ckpt.read(cp.source)
+      buffer[cp.index] = cp.transform(tensor) if cp.transform else tensor
+    variable.set_value(jnp.asarray(buffer))
+
+  for path_, variable in nnx.iter_graph(model):
+    if (isinstance(variable, nnx.Variable) and
+        isinstance(variable.get_value(), jax.ShapeDtypeStruct)):
+      raise RuntimeError(f"load_hf does not fill parameter "
+                         f"{'.'.join(map(str, path_))}; update its plan.")
+  return model

@@ -1,0 +1,329 @@
+"""Trains the byte-level MoE model on the stdlib corpus.
+
+Training uses a *dense-dispatch* forward: every token goes through all E
+experts of a layer as one wide matmul and the top-k gate weights, scattered
+into `[N, E]`, zero out the experts it was not routed to. On a CPU this is
+much faster than gathering K experts' weights per token, and it gives the
+same logits as `MoEModel.__call__` (tested to ~1e-6): routing, attention and
+norms are the model's own code (`moe.route`, `Attention.qkv`, `rms_norm`).
+
+Shape legend as in `wisp_jax.models.moe`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from wisp_jax import data
+from wisp_jax.models import checkpoint
+from wisp_jax.models import moe
+from wisp_jax.models.config import MoEConfig, get_config
+from wisp_jax.models.experts import ResidentSource
+from wisp_jax.models.transformer import Decoder, MoEModel, attend, rms_norm
+
+# A uniform guess over 256 byte values costs 8 bits per byte.
+UNIFORM_BITS_PER_BYTE = 8.0
+
+
+def model_config(config: ml_collections.ConfigDict) -> MoEConfig:
+  """The `MoEConfig` named by `config.model.preset` with its overrides."""
+  overrides = dict(config.model.get("overrides", {}) or {})
+  return get_config(config.model.preset).replace(**overrides)
+
+
+def dense_forward(decoder: Decoder, experts: moe.ExpertWeights,
+                  tokens: jax.Array) -> tuple[jax.Array, jax.Array,
+                                              jax.Array]:
+  """Causal forward with dense expert dispatch (training only).
+
+  Args:
+    decoder: the dense part of the model.
+    experts: `[L, E, ...]` routed expert weights.
+    tokens: `[B, T]` int32.
+
+  Returns:
+    logits `[B, T, V]`, router probabilities `[L, N, E]` (float32) and
+    the top-k expert ids `[L, N, K]`, for the load-balancing loss.
+  """
+  c = decoder.config
+  b, t = tokens.shape
+  n, e = b * t, c.num_experts
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  x = decoder.embed[...][tokens]
+  all_probs, all_ids = [], []
+  for index, layer in enumerate(decoder.layers):
+    h = rms_norm(x, layer.input_norm[...], c.rms_eps)
+    q, k, v = layer.attn.qkv(h, positions)
+    x = x + layer.attn.out(attend(q, k, v, mask))
+
+    # [N, D]
+    h = rms_norm(x, layer.post_attn_norm[...], c.rms_eps).reshape(n, -1)
+    # [N, E]
+    router_logits = h @ layer.router[...]
+    # [N, K]
+    ids, weights = moe.route(router_logits, c.top_k, c.norm_topk_prob,
+                             h.dtype)
+    # [N, E]: the K gate weights scattered to their experts, zeros elsewhere.
+    gates = jnp.einsum("nk,nke->ne", weights,
+                       jax.nn.one_hot(ids, e, dtype=weights.dtype))
+    w = experts.layer(index)
+    d, f = w.gate.shape[-2:]
+    # [E, D, F] -> [D, E*F]: all experts of the layer as one wide matmul.
+    w_gate = jnp.transpose(w.gate, (1, 0, 2)).reshape(d, e * f)
+    w_up = jnp.transpose(w.up, (1, 0, 2)).reshape(d, e * f)
+    # [E, F, D] -> [E*F, D]
+    w_down = w.down.reshape(e * f, d)
+    # [N, E, F]
+    hidden = (jax.nn.silu(h @ w_gate) * (h @ w_up)).reshape(n, e, f)
+    # Gate before the down projection: one [N, E*F] @ [E*F, D] matmul.
+    hidden = (hidden * gates[:, :, None]).reshape(n, e * f)
+    y = hidden @ w_down
+    if c.shared_ffn:
+      y = y + layer.shared_expert(h)
+    x = x + y.reshape(b, t, -1)
+    all_probs.append(jax.nn.softmax(router_logits.astype(jnp.float32), -1))
+    all_ids.append(ids)
+
+  x = rms_norm(x, decoder.final_norm[...], c.rms_eps)
+  head = decoder.embed[...].T if c.tie_embeddings else decoder.lm_head[...]
+  logits = jnp.einsum("btd,dv->btv", x, head)
+  return logits, jnp.stack(all_probs), jnp.stack(all_ids)
+
+
+def load_balancing_loss(probs: jax.Array, ids: jax.Array) -> jax.Array:
+  """Switch-Transformer auxiliary loss, averaged over layers.
+
+  `E * sum_e f_e * P_e`, where f_e is the share of the N*K routing slots
+  sent to expert e and P_e its mean router probability; 1 when balanced.
+
+  Args:
+    probs: `[L, N, E]` router probabilities.
+    ids: `[L, N, K]` top-k ids.
+  """
+  e = probs.shape[-1]
+  # [L, E]
+  share = jnp.mean(jax.nn.one_hot(ids, e, dtype=jnp.float32), axis=(1, 2))
+  mean_prob = jnp.mean(probs, axis=1)
+  return e * jnp.mean(jnp.sum(share * mean_prob, axis=-1))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-byte cross-entropy in nats; logits `[B, T, V]`."""
+  logits = logits.astype(jnp.float32)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, targets))
+
+
+def make_optimizer(config: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay; no decay on norm vectors."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate,
+      warmup_steps=config.warmup_steps, decay_steps=config.num_steps,
+      end_value=config.learning_rate * config.final_lr_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip),
+      optax.adamw(schedule, b1=0.9, b2=0.95,
+                  weight_decay=config.weight_decay, mask=decay_mask))
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer:
+                    optax.GradientTransformation, aux_weight: float):
+  """Jitted `(params, opt_state, batch [B, T+1]) -> params, opt_state, m`."""
+
+  def loss_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits, probs, ids = dense_forward(model.decoder, model.experts.weights(),
+                                       batch[:, :-1])
+    ce = cross_entropy(logits, batch[:, 1:])
+    aux = load_balancing_loss(probs, ids)
+    return ce + aux_weight * aux, (ce, aux)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    grads, (ce, aux) = jax.grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": ce, "aux_loss": aux,
+               "grad_norm": optax.global_norm(grads)}
+    return params, opt_state, metrics
+
+  return step
+
+
+def evaluate(model: MoEModel, windows: np.ndarray, batch_size: int
+             ) -> dict[str, Any]:
+  """Validation bits/byte and expert usage with the inference forward.
+
+  Runs `Decoder.forward` with a `ResidentSource` (what `MoEModel.__call__`
+  runs), so the routing counted is the routing served.
+
+  Args:
+    model: the model.
+    windows: `[W, T + 1]` int32 held-out windows.
+    batch_size: windows per forward pass.
+
+  Returns:
+    bits per byte, per-layer usage entropy (bits) and expert counts.
+  """
+  graphdef, state = nnx.split(model.decoder)
+  experts = model.experts.weights()
+  c = model.config
+
+  @jax.jit
+  def eval_batch(state, experts, batch):
+    decoder = nnx.merge(graphdef, state)
+    inputs = batch[:, :-1]
+    b, t = inputs.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, _, _, (ids, _) = decoder.forward(
+        inputs, positions, None, ResidentSource(experts))
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch[:, 1:])
+    # [L, E]
+    counts = jnp.sum(jax.nn.one_hot(ids, c.num_experts, dtype=jnp.int32),
+                     axis=(1, 2, 3))
+    return jnp.sum(nll), counts
+
+  total_nll, total_bytes = 0.0, 0
+  counts = np.zeros((c.num_layers, c.num_experts), np.int64)
+  # Whole batches only: one compiled shape.
+  usable = (len(windows) // batch_size) * batch_size
+  if usable == 0:
+    raise ValueError(f"{len(windows)} eval windows make no batch of "
+                     f"{batch_size}.")
+  for start in range(0, usable, batch_size):
+    batch = jnp.asarray(windows[start:start + batch_size])
+    nll, layer_counts = eval_batch(state, experts, batch)
+    total_nll += float(nll)
+    total_bytes += batch.shape[0] * (batch.shape[1] - 1)
+    counts += np.asarray(layer_counts)
+  share = counts / counts.sum(axis=1, keepdims=True)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    entropy = -np.sum(np.where(share > 0, share * np.log2(share), 0.0), axis=1)
+  return {
+      "val_bits_per_byte": total_nll / total_bytes / math.log(2),
+      "val_bytes": total_bytes,
+      "expert_entropy_bits": [float(h) for h in entropy],
+      "max_entropy_bits": math.log2(c.num_experts),
+      "expert_counts": counts.tolist(),
+  }
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+  path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+        ) -> dict[str, Any]:
+  """Trains, checkpoints and evaluates; returns the summary.
+
+  Writes to `workdir`: `config.json` (resolved config), `metrics.jsonl`
+  (one JSON line per logged step), `checkpoint/` (see
+  `wisp_jax.models.checkpoint`) and `summary.json`.
+
+  Args:
+    config: see `configs/train_default.py`.
+    workdir: output directory (created).
+
+  Returns:
+    the contents of `summary.json`.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mconfig = model_config(config)
+  if config.seq_len > mconfig.max_seq_len:
+    raise ValueError(f"seq_len={config.seq_len} exceeds the model's "
+                     f"max_seq_len={mconfig.max_seq_len}.")
+  if mconfig.vocab_size != 256:
+    raise ValueError(f"the byte corpus needs vocab_size=256, got "
+                     f"{mconfig.vocab_size} (preset {config.model.preset!r}).")
+  _write_json(workdir / "config.json", config.to_dict())
+
+  corpus = data.load_corpus(config.val_fraction, config.max_train_bytes,
+                            config.max_val_bytes)
+  logging.info("corpus: %d train bytes (%d files), %d val bytes (%d files)",
+               corpus.train.size, len(corpus.train_files),
+               corpus.validation.size, len(corpus.validation_files))
+  batches = data.batch_iterator(corpus.train, config.batch_size,
+                                config.seq_len, config.seed)
+
+  model = MoEModel(mconfig, rngs=nnx.Rngs(config.seed), dtype=jnp.float32)
+  graphdef, params = nnx.split(model)
+  optimizer = make_optimizer(config)
+  opt_state = optimizer.init(params)
+  step_fn = make_train_step(graphdef, optimizer, config.aux_loss_weight)
+  tokens_per_step = config.batch_size * config.seq_len
+
+  metrics_file = open(workdir / "metrics.jsonl", "w")
+  start = time.perf_counter()
+  window_start, window_steps = start, 0
+  for step in range(1, config.num_steps + 1):
+    params, opt_state, metrics = step_fn(params, opt_state,
+                                         jnp.asarray(next(batches)))
+    window_steps += 1
+    if step == 1:  # the first step compiles; keep it out of tokens/s
+      jax.block_until_ready(params)
+      logging.info("first step (compile) took %.1f s",
+                   time.perf_counter() - start)
+      window_start, window_steps = time.perf_counter(), 0
+    if step % config.log_every == 0 or step == config.num_steps:
+      metrics = {k: float(v) for k, v in metrics.items()}  # syncs
+      now = time.perf_counter()
+      tokens_per_s = window_steps * tokens_per_step / (now - window_start)
+      eta = (config.num_steps - step) * tokens_per_step / tokens_per_s
+      record = {"step": step, "tokens_per_s": tokens_per_s,
+                "elapsed_s": now - start, **metrics}
+      metrics_file.write(json.dumps(record) + "\n")
+      metrics_file.flush()
+      logging.info("step %d/%d loss %.4f (%.3f bits/byte) aux %.3f "
+                   "%.0f tokens/s ETA %.0f s", step, config.num_steps,
+                   metrics["loss"], metrics["loss"] / math.log(2),
+                   metrics["aux_loss"], tokens_per_s, eta)
+      window_start, window_steps = now, 0
+    if config.checkpoint_every and step % config.checkpoint_every == 0:
+      nnx.update(model, params)
+      checkpoint.save(model, workdir / f"checkpoint_{step}",
+                      dtype=config.checkpoint_dtype)
+  metrics_file.close()
+  train_time = time.perf_counter() - start
+
+  nnx.update(model, params)
+  ckpt_dir = workdir / "checkpoint"
+  checkpoint.save(model, ckpt_dir, dtype=config.checkpoint_dtype)
+  # Evaluate exactly what was shipped (weights rounded to the saved dtype).
+  shipped = checkpoint.restore(ckpt_dir, dtype=jnp.float32)
+  windows = data.eval_windows(corpus.validation, config.seq_len,
+                              config.eval_windows)
+  results = evaluate(shipped, windows, config.eval_batch_size)
+  summary = {
+      "train_time_s": train_time,
+      "steps": config.num_steps,
+      "tokens_seen": config.num_steps * tokens_per_step,
+      "train_loss_bits_per_byte": metrics["loss"] / math.log(2),
+      "uniform_bits_per_byte": UNIFORM_BITS_PER_BYTE,
+      "checkpoint_dtype": config.checkpoint_dtype,
+      "model": mconfig.name,
+      **results,
+  }
+  _write_json(workdir / "summary.json", summary)
+  logging.info("done in %.0f s: val %.3f bits/byte (uniform 8), expert "
+               "entropy per layer %s bits (max %.2f)", train_time,
+               results["val_bits_per_byte"],
+               [round(h, 3) for h in results["expert_entropy_bits"]],
+               results["max_entropy_bits"])
+  return summary

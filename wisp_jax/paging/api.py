@@ -1,0 +1,174 @@
+"""Building expert sources for `generate`, and their statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wisp_jax.models import moe
+from wisp_jax.models.config import MoEConfig
+from wisp_jax.paging import bank as bank_lib
+from wisp_jax.paging import pager
+from wisp_jax.paging.policies import get_policy
+from wisp_jax.paging.sources import (SOURCES, PagingSpec, Traffic,
+                                     copy_experts)
+
+
+@dataclasses.dataclass
+class ExpertStats:
+  """Host-to-device expert traffic of one `generate` call.
+
+  Attributes:
+    source: the expert source's name.
+    hits: `[L]` needed experts already on device, summed over passes.
+    misses: `[L]` needed experts not on device.
+    loads: `[L]` experts copied host -> device (>= misses when a step
+      needs more experts than slots; all E per pass for static_offload).
+    bytes_per_expert: bytes of one expert as stored.
+    per_pass_loads: `[passes, L]` loads of each forward pass (prefill first).
+    per_pass_hits: `[passes, L]`.
+    per_pass_misses: `[passes, L]`.
+  """
+  source: str
+  hits: np.ndarray
+  misses: np.ndarray
+  loads: np.ndarray
+  bytes_per_expert: int
+  per_pass_loads: np.ndarray
+  per_pass_hits: np.ndarray
+  per_pass_misses: np.ndarray
+
+  @property
+  def hit_rate(self) -> float:
+    total = int(self.hits.sum() + self.misses.sum())
+    return float(self.hits.sum()) / total if total else 1.0
+
+  @property
+  def bytes_moved(self) -> int:
+    return int(self.loads.astype(np.int64).sum()) * self.bytes_per_expert
+
+  @property
+  def bytes_per_layer(self) -> np.ndarray:
+    return self.loads.astype(np.int64) * self.bytes_per_expert
+
+  def summary(self) -> dict:
+    return {"source": self.source, "hit_rate": self.hit_rate,
+            "hits": int(self.hits.sum()), "misses": int(self.misses.sum()),
+            "loads": int(self.loads.sum()), "bytes_moved": self.bytes_moved}
+
+
+def stats_from_counters(source: str, counters: Sequence, bytes_per_expert: int
+                        ) -> ExpertStats:
+  """Builds stats from cumulative `[3, L]` (hits, misses, loads) counters
+  taken after each pass."""
+  cum = np.stack(counters).astype(np.int64)  # [P, 3, L]
+  per_pass = np.diff(cum, axis=0, prepend=0)
+  return ExpertStats(source=source, hits=cum[-1, 0], misses=cum[-1, 1],
+                     loads=cum[-1, 2], bytes_per_expert=bytes_per_expert,
+                     per_pass_hits=per_pass[:, 0], per_pass_misses=per_pass[:, 1],
+                     per_pass_loads=per_pass[:, 2])
+
+
+def hot_set_from_routing(routing_ids: Sequence[np.ndarray], num_experts: int,
+                         slots: int) -> np.ndarray:
+  """The `slots` most routed experts of each layer: a `pinned` hot set.
+
+  Args:
+    routing_ids: arrays `[L, ...]` of routed ids (e.g. `generate(...,
+      record_routing=True).routing_ids`).
+    num_experts: E.
+    slots: S.
+
+  Returns:
+    `[L, S]` int32 (most used first, ties to the lower id).
+  """
+  num_layers = routing_ids[0].shape[0]
+  counts = np.zeros((num_layers, num_experts), np.int64)
+  for ids in routing_ids:
+    flat = np.asarray(ids).reshape(num_layers, -1)
+    for layer in range(num_layers):
+      counts[layer] += np.bincount(flat[layer], minlength=num_experts)
+  order = np.lexsort((np.arange(num_experts)[None].repeat(num_layers, 0),
+                      -counts), axis=-1)
+  return order[:, :slots].astype(np.int32)
+
+
+def validate_slots(config: MoEConfig, slots_per_layer) -> np.ndarray:
+  """`[L]` slots per layer; raises unless top_k <= S <= E in every layer."""
+  slots = np.broadcast_to(np.asarray(slots_per_layer), (config.num_layers,))
+  if not np.issubdtype(slots.dtype, np.integer):
+    raise ValueError(f"slots_per_layer must be integers, got {slots_per_layer}.")
+  for layer, s in enumerate(slots.tolist()):
+    if s < config.top_k:
+      raise ValueError(
+          f"slots_per_layer={s} in layer {layer} is below top_k="
+          f"{config.top_k}: one token would not fit. Use at least {config.top_k}.")
+    if s > config.num_experts:
+      raise ValueError(
+          f"slots_per_layer={s} in layer {layer} exceeds num_experts="
+          f"{config.num_experts}; use at most {config.num_experts} (or the "
+          "resident source).")
+  return slots.astype(np.int32)
+
+
+@jax.jit
+def _load_hot_set(bank, slots, state):
+  for layer in range(state.expert_in_slot.shape[0]):
+    count = jnp.sum(state.expert_in_slot[layer] >= 0, dtype=jnp.int32)
+    slots = copy_experts(bank, slots, layer, state.expert_in_slot[layer],
+                         jnp.arange(state.expert_in_slot.shape[1],
+                                    dtype=jnp.int32), count)
+    state = state.replace(loads=state.loads.at[layer].add(count))
+  return slots, state
+
+
+def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
+                slots_per_layer=None, policy: str = "lru",
+                policy_options: dict | None = None, hot_set=None
+                ) -> tuple[PagingSpec, Any, Any]:
+  """Validates the request and builds (spec, bank, carry) for `generate`.
+
+  Args:
+    config: the model's config.
+    bank: `[L, E, ...]` host bank (`bank.make_bank`); for `resident`, the
+      model's device experts.
+    experts: one of `SOURCES`.
+    slots_per_layer: S (int) or per-layer capacities `[L]` (paged only).
+    policy: paging policy name (paged only).
+    policy_options: options of the policy, e.g. `{"tau": 4}` for ws.
+    hot_set: `[L, S]` resident experts of `pinned`.
+  """
+  if experts not in SOURCES:
+    raise ValueError(f"Unknown expert source {experts!r}; known sources: "
+                     f"{', '.join(SOURCES)}.")
+  bank_lib.check_bank(bank, config)
+  if experts != "paged":
+    return PagingSpec(experts), bank, Traffic.zeros(config.num_layers)
+  if slots_per_layer is None:
+    raise ValueError("experts='paged' needs slots_per_layer (top_k <= S <= E).")
+  capacity = validate_slots(config, slots_per_layer)
+  options = tuple(sorted((policy_options or {}).items()))
+  rule = get_policy(policy, **dict(options))
+  if rule.needs_hint:
+    raise ValueError(f"policy {policy!r} needs future routing and only runs "
+                     "in trace replay (wisp_jax.sim).")
+  num_slots = int(capacity.max())
+  if not rule.evicts:
+    if hot_set is None:
+      raise ValueError(
+          f"policy {policy!r} needs hot_set [L, S]; build one with "
+          "wisp_jax.paging.api.hot_set_from_routing.")
+    if np.any(capacity != num_slots):
+      raise ValueError("policy 'pinned' needs the same slots in every layer.")
+  state = pager.init_state(rule, config.num_layers, config.num_experts,
+                           num_slots, capacity, hot_set)
+  slots = jax.tree.map(
+      lambda w: jnp.zeros((config.num_layers, num_slots) + w.shape[2:],
+                          w.dtype), bank)
+  if hot_set is not None:
+    slots, state = _load_hot_set(bank, slots, state)
+  return PagingSpec("paged", policy, options), bank, (slots, state)

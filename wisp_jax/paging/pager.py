@@ -1,0 +1,286 @@
+"""The working-set pager: bookkeeping (pure planning) apart from data movement.
+
+`page_layer` decides, for one layer and one step, which needed experts are
+hits, which must be loaded and into which slots, and returns the new slot
+tables. It never touches weights: it calls `on_chunk(data, plan)` for every
+group of experts it brings in, and the caller copies and computes there
+(`wisp_jax.paging.sources`) or does nothing (trace replay in
+`wisp_jax.sim`). One implementation of each policy serves both.
+
+Semantics of a step in layer l (needed set U, capacity c):
+  * hits = |U ∩ resident|, misses = |U| - hits (counted in experts);
+  * if |U| <= c: misses replace the resident experts with the smallest
+    retention keys that U does not need (empty slots first);
+  * if |U| > c (big batch, prefill): the c experts of U with the largest
+    retention keys stay resident at the end of the step; the others are
+    served first, in groups of at most c through the same slots. Every copy
+    is counted in `loads` (>= misses: the overflow's extra traffic).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from wisp_jax.paging.policies import Policy, rank_to_keep
+
+
+@struct.dataclass
+class PagerState:
+  """Residency of every layer's slot cache. All fields are device arrays.
+
+  Attributes:
+    slot_of_expert: `[L, E]` int32, slot holding each expert, -1 if none.
+    expert_in_slot: `[L, S]` int32, expert held by each slot, -1 if empty.
+    capacity: `[L]` int32, usable slots per layer (slots >= capacity are
+      never used), so layers may have different capacities inside one
+      `[L, S]` buffer.
+    policy_state: the policy's pytree, leaves `[L, E]`.
+    hits: `[L]` int32 needed experts found resident (cumulative).
+    misses: `[L]` int32 needed experts not resident (cumulative).
+    loads: `[L]` int32 experts copied host -> device (cumulative).
+    tick: `[]` int32 step counter, +1 per forward pass.
+  """
+  slot_of_expert: jax.Array
+  expert_in_slot: jax.Array
+  capacity: jax.Array
+  policy_state: Any
+  hits: jax.Array
+  misses: jax.Array
+  loads: jax.Array
+  tick: jax.Array
+
+
+@struct.dataclass
+class LayerState:
+  """One layer's slice of `PagerState` (same fields without the `[L]`)."""
+  slot_of_expert: jax.Array
+  expert_in_slot: jax.Array
+  capacity: jax.Array
+  policy_state: Any
+  hits: jax.Array
+  misses: jax.Array
+  loads: jax.Array
+
+
+@struct.dataclass
+class ChunkPlan:
+  """Copies planned for one group of experts.
+
+  Attributes:
+    chunk: `[E]` bool, the experts served by this group.
+    load_expert: `[S]` int32, experts to copy (first `num_loads` valid).
+    load_slot: `[S]` int32, destination slot of each copy.
+    num_loads: `[]` int32.
+    slot_of_expert: `[E]` int32 table after the copies.
+  """
+  chunk: jax.Array
+  load_expert: jax.Array
+  load_slot: jax.Array
+  num_loads: jax.Array
+  slot_of_expert: jax.Array
+
+
+def init_state(policy: Policy, num_layers: int, num_experts: int,
+               num_slots: int, capacity=None, hot_set=None) -> PagerState:
+  """Empty caches (or, for `pinned`, the hot set already resident).
+
+  Args:
+    policy: replacement policy.
+    num_layers: L.
+    num_experts: E.
+    num_slots: S, slots per layer in the buffer.
+    capacity: usable slots per layer, int or `[L]`; defaults to S.
+    hot_set: `[L, S]` expert ids resident from the start (required for
+      `pinned`, whose slots never change).
+  """
+  import numpy as np  # Host-side validation only.
+  cap = np.broadcast_to(np.asarray(num_slots if capacity is None else capacity,
+                                   np.int32), (num_layers,))
+  if cap.min() < 1 or cap.max() > num_slots:
+    raise ValueError(f"per-layer capacity must be in [1, {num_slots}], got "
+                     f"{cap.tolist()}.")
+  expert_in_slot = np.full((num_layers, num_slots), -1, np.int32)
+  slot_of_expert = np.full((num_layers, num_experts), -1, np.int32)
+  if hot_set is not None:
+    hot = np.asarray(hot_set, np.int32)
+    if hot.shape != (num_layers, num_slots):
+      raise ValueError(f"hot_set must have shape {(num_layers, num_slots)}, "
+                       f"got {hot.shape}.")
+    if hot.min() < 0 or hot.max() >= num_experts:
+      raise ValueError(f"hot_set ids must be in [0, {num_experts}).")
+    for layer in range(num_layers):
+      if len(set(hot[layer].tolist())) != num_slots:
+        raise ValueError(f"hot_set layer {layer} repeats an expert: "
+                         f"{hot[layer].tolist()}.")
+      expert_in_slot[layer] = hot[layer]
+      slot_of_expert[layer, hot[layer]] = np.arange(num_slots)
+  elif not policy.evicts:
+    raise ValueError(f"policy {policy.name!r} needs a hot_set.")
+  one_layer = policy.init(num_experts)
+  zeros = np.zeros((num_layers,), np.int32)
+  return PagerState(
+      slot_of_expert=jax.device_put(slot_of_expert),
+      expert_in_slot=jax.device_put(expert_in_slot),
+      capacity=jax.device_put(cap.copy()),
+      policy_state=jax.tree.map(
+          lambda x: jax.device_put(np.broadcast_to(
+              np.asarray(x), (num_layers,) + x.shape).copy()), one_layer),
+      hits=jax.device_put(zeros), misses=jax.device_put(zeros.copy()),
+      loads=jax.device_put(zeros.copy()),
+      tick=jax.device_put(np.zeros((), np.int32)))
+
+
+def layer_state(state: PagerState, layer) -> LayerState:
+  return LayerState(
+      slot_of_expert=state.slot_of_expert[layer],
+      expert_in_slot=state.expert_in_slot[layer],
+      capacity=state.capacity[layer],
+      policy_state=jax.tree.map(lambda x: x[layer], state.policy_state),
+      hits=state.hits[layer], misses=state.misses[layer],
+      loads=state.loads[layer])
+
+
+def set_layer_state(state: PagerState, layer, ls: LayerState) -> PagerState:
+  put = lambda full, part: full.at[layer].set(part)
+  return state.replace(
+      slot_of_expert=put(state.slot_of_expert, ls.slot_of_expert),
+      expert_in_slot=put(state.expert_in_slot, ls.expert_in_slot),
+      capacity=put(state.capacity, ls.capacity),
+      policy_state=jax.tree.map(put, state.policy_state, ls.policy_state),
+      hits=put(state.hits, ls.hits), misses=put(state.misses, ls.misses),
+      loads=put(state.loads, ls.loads))
+
+
+def needed_mask(ids: jax.Array, num_experts: int) -> jax.Array:
+  """`[E]` bool union of the routed ids `[N, K]` (the step's needed set)."""
+  return jnp.zeros((num_experts,), bool).at[ids.reshape(-1)].set(True)
+
+
+def plan_chunk(slot_of_expert, expert_in_slot, capacity, keep_rank,
+               chunk, protect=None) -> tuple[ChunkPlan, jax.Array]:
+  """Plans the copies that make every expert of `chunk` resident.
+
+  Pure and weight-free. Victims are never experts of `chunk`; empty usable
+  slots go first, then the occupants least worth keeping (largest
+  `keep_rank`). `chunk` must hold at most `capacity` experts.
+
+  Args:
+    slot_of_expert: `[E]` int32.
+    expert_in_slot: `[S]` int32.
+    capacity: `[]` int32 usable slots.
+    keep_rank: `[E]` int32, 0 = most worth keeping.
+    chunk: `[E]` bool experts to make resident.
+    protect: `[E]` bool experts that must not be evicted either.
+
+  Returns:
+    the plan, and the new `expert_in_slot` `[S]`.
+  """
+  num_experts = slot_of_expert.shape[0]
+  num_slots = expert_in_slot.shape[0]
+  slot_ids = jnp.arange(num_slots, dtype=jnp.int32)
+  miss = chunk & (slot_of_expert < 0)
+  num_loads = jnp.sum(miss, dtype=jnp.int32)
+  occupant = expert_in_slot
+  occupied = occupant >= 0
+  keep = chunk if protect is None else chunk | protect
+  protected = occupied & keep[jnp.maximum(occupant, 0)]
+  # Eviction priority per slot: higher goes first; -1 never.
+  priority = jnp.where(occupied, keep_rank[jnp.maximum(occupant, 0)],
+                       num_experts)
+  priority = jnp.where(protected | (slot_ids >= capacity), -1, priority)
+  victim_slots = jnp.argsort(-priority, stable=True).astype(jnp.int32)
+  # Missing experts in id order, padded with E (dropped by scatters).
+  load_expert = jnp.sort(jnp.where(miss, jnp.arange(num_experts), num_experts)
+                         )[:num_slots].astype(jnp.int32)
+  valid = slot_ids < num_loads
+  load_slot = jnp.where(valid, victim_slots, num_slots)
+  evicted = jnp.where(valid, occupant[jnp.minimum(load_slot, num_slots - 1)],
+                      -1)
+  new_slot_of_expert = slot_of_expert.at[
+      jnp.where(evicted >= 0, evicted, num_experts)].set(-1, mode="drop")
+  new_slot_of_expert = new_slot_of_expert.at[load_expert].set(
+      load_slot, mode="drop")
+  new_expert_in_slot = expert_in_slot.at[load_slot].set(load_expert,
+                                                        mode="drop")
+  plan = ChunkPlan(chunk=chunk, load_expert=load_expert, load_slot=load_slot,
+                   num_loads=num_loads, slot_of_expert=new_slot_of_expert)
+  return plan, new_expert_in_slot
+
+
+def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
+               data: Any, on_chunk: Callable[[Any, ChunkPlan], Any] | None,
+               hint=None) -> tuple[LayerState, Any]:
+  """Serves one layer's needed experts for one step (see module docstring).
+
+  Args:
+    policy: an evicting policy (not `pinned`).
+    ls: the layer's state.
+    needed: `[E]` bool experts the step needs.
+    tick: `[]` int32 step counter.
+    data: the caller's loop state (slots, outputs), passed to `on_chunk`.
+    on_chunk: `(data, plan) -> data`, performs a group's copies and
+      computes its experts; None to plan only (replay).
+    hint: `[E]` next-use steps for `min`.
+
+  Returns:
+    the new layer state and data.
+  """
+  num_experts = needed.shape[0]
+  resident = ls.slot_of_expert >= 0
+  hits = jnp.sum(needed & resident, dtype=jnp.int32)
+  num_needed = jnp.sum(needed, dtype=jnp.int32)
+  policy_state = policy.update(ls.policy_state, needed, needed & ~resident,
+                               tick)
+  order = rank_to_keep(policy.keys(policy_state, tick, hint), num_experts)
+  keep_rank = jnp.zeros((num_experts,), jnp.int32).at[order].set(
+      jnp.arange(num_experts, dtype=jnp.int32))
+  # Rank of each needed expert among the needed, most worth keeping first;
+  # group 0 = the c to keep, served last; the rest in groups of c before.
+  needed_rank = jnp.cumsum(needed[order]) - 1
+  rank_in_needed = jnp.zeros((num_experts,), jnp.int32).at[order].set(
+      needed_rank.astype(jnp.int32))
+  cap = ls.capacity
+  final = needed & (rank_in_needed < cap)
+  # Earlier groups keep the final group's resident experts in place while
+  # that leaves them room, so overflow costs as few reloads as possible.
+  final_resident = final & resident
+  num_final_resident = jnp.sum(final_resident, dtype=jnp.int32)
+  spare = num_final_resident < cap
+  room = jnp.where(spare, cap - num_final_resident, cap)
+  protect = final_resident & spare
+  group = jnp.where(final, 0, jnp.where(
+      needed, 1 + (rank_in_needed - cap) // room, -1))
+  num_groups = 1 + jnp.maximum(num_needed - cap + room - 1, 0) // room
+
+  def body(carry):
+    g, slot_of_expert, expert_in_slot, loads, data = carry
+    plan, expert_in_slot = plan_chunk(slot_of_expert, expert_in_slot, cap,
+                                      keep_rank, group == g,
+                                      jnp.where(g > 0, protect, False))
+    if on_chunk is not None:
+      data = on_chunk(data, plan)
+    return (g - 1, plan.slot_of_expert, expert_in_slot,
+            loads + plan.num_loads, data)
+
+  init = (num_groups - 1, ls.slot_of_expert, ls.expert_in_slot,
+          jnp.zeros((), jnp.int32), data)
+  _, slot_of_expert, expert_in_slot, loads, data = jax.lax.while_loop(
+      lambda carry: carry[0] >= 0, body, init)
+  new = ls.replace(slot_of_expert=slot_of_expert,
+                   expert_in_slot=expert_in_slot, policy_state=policy_state,
+                   hits=ls.hits + hits, misses=ls.misses + num_needed - hits,
+                   loads=ls.loads + loads)
+  return new, data
+
+
+def count_pinned(ls: LayerState, needed: jax.Array) -> LayerState:
+  """Counts a `pinned` step: hits stay, every miss is one transient load."""
+  resident = ls.slot_of_expert >= 0
+  hits = jnp.sum(needed & resident, dtype=jnp.int32)
+  misses = jnp.sum(needed & ~resident, dtype=jnp.int32)
+  return ls.replace(hits=ls.hits + hits, misses=ls.misses + misses,
+                    loads=ls.loads + misses)

@@ -1,0 +1,164 @@
+"""Replacement policies, optax-style: a small state pytree plus pure functions.
+
+A policy keeps per-expert state for ONE layer (`[E]` arrays; the pager
+vmaps over layers) and ranks experts by *retention keys*: a tuple of `[E]`
+int32 arrays compared lexicographically, larger = more worth keeping. The
+pager evicts the resident expert with the smallest key that the current
+step does not need, and when a step needs more experts than there are slots
+it keeps the ones with the largest keys. Ties end on expert id: among equal
+keys the lower id is kept (this matches the LRU stack order used by the
+Mattson miss-ratio curve in `wisp_jax.sim`).
+
+Policies: `lru`, `lfu` (per-expert reference counts halved every
+`age_every` steps), `fifo`, `ws` (Denning's working set with window `tau`),
+`pinned` (fixed hot set, no eviction) and `min` (Belady's oracle; needs the
+next-use hint that only trace replay can provide).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEVER = jnp.iinfo(jnp.int32).max
+
+
+class Policy(NamedTuple):
+  """A replacement policy for one layer.
+
+  Attributes:
+    name: registry name.
+    init: `num_experts -> state` (a pytree of `[E]` arrays).
+    update: `(state, needed [E] bool, missed [E] bool, tick [] int32) ->
+      state`, called once per step with the experts the step needed and
+      those that were not resident.
+    keys: `(state, tick, hint) -> tuple of [E] int32`, retention keys (larger
+      keeps). `hint` is the next-use step `[E]` for `min`, else None.
+    evicts: False for `pinned`: the resident set never changes and misses
+      are served transiently.
+    needs_hint: True for `min`.
+  """
+  name: str
+  init: Callable[[int], Any]
+  update: Callable[..., Any]
+  keys: Callable[..., tuple]
+  evicts: bool = True
+  needs_hint: bool = False
+
+
+def _last_use_init(num_experts):
+  return {"last_use": jnp.full((num_experts,), -1, jnp.int32)}
+
+
+def _touch(state, needed, missed, tick):
+  del missed
+  return {**state, "last_use": jnp.where(needed, tick, state["last_use"])}
+
+
+def lru() -> Policy:
+  """Least recently used: keep the most recently needed experts."""
+  return Policy("lru", _last_use_init, _touch,
+                lambda s, tick, hint: (s["last_use"],))
+
+
+def fifo() -> Policy:
+  """First in, first out: keep the most recently *loaded* experts."""
+
+  def init(num_experts):
+    return {"loaded_at": jnp.full((num_experts,), -1, jnp.int32)}
+
+  def update(state, needed, missed, tick):
+    del needed
+    return {"loaded_at": jnp.where(missed, tick, state["loaded_at"])}
+
+  return Policy("fifo", init, update, lambda s, tick, hint: (s["loaded_at"],))
+
+
+def lfu(age_every: int = 0) -> Policy:
+  """Least frequently used, ties broken by recency.
+
+  Args:
+    age_every: halve every count each `age_every` steps (0: never), so that
+      a once-popular expert does not stay forever.
+  """
+  if age_every < 0:
+    raise ValueError(f"lfu age_every must be >= 0, got {age_every}.")
+
+  def init(num_experts):
+    return {"count": jnp.zeros((num_experts,), jnp.int32),
+            **_last_use_init(num_experts)}
+
+  def update(state, needed, missed, tick):
+    count = state["count"] + needed.astype(jnp.int32)
+    if age_every:
+      count = jnp.where((tick + 1) % age_every == 0, count >> 1, count)
+    return {**_touch(state, needed, missed, tick), "count": count}
+
+  return Policy("lfu", init, update,
+                lambda s, tick, hint: (s["count"], s["last_use"]))
+
+
+def ws(tau: int = 8) -> Policy:
+  """Denning's working set: first evict experts not referenced in the last
+  `tau` steps, then the least recently used.
+
+  With a fixed slot count the victim order coincides with LRU's (an expert
+  outside the window is also older than every expert inside it); `ws`
+  differs in what it reports as the working set and when capacities shrink.
+  """
+  if tau < 1:
+    raise ValueError(f"ws tau must be >= 1, got {tau}.")
+
+  def keys(state, tick, hint):
+    in_window = (state["last_use"] > tick - tau).astype(jnp.int32)
+    return in_window, state["last_use"]
+
+  return Policy("ws", _last_use_init, _touch, keys)
+
+
+def pinned() -> Policy:
+  """A fixed hot set loaded once; misses are served transiently."""
+  return Policy("pinned", lambda e: {}, lambda s, *a: s,
+                lambda s, tick, hint: (), evicts=False)
+
+
+def belady_min() -> Policy:
+  """Belady's MIN: evict the expert whose next use is furthest away."""
+
+  def keys(state, tick, hint):
+    if hint is None:
+      raise ValueError("policy 'min' needs the next-use table of a trace; it "
+                       "only runs in trace replay, not in live decoding.")
+    return (NEVER - hint,)
+
+  return Policy("min", lambda e: {}, lambda s, *a: s, keys, needs_hint=True)
+
+
+_REGISTRY = {"lru": lru, "lfu": lfu, "fifo": fifo, "ws": ws,
+             "pinned": pinned, "min": belady_min}
+
+
+def get_policy(name: str, **kwargs) -> Policy:
+  """Builds the policy `name` with its options (e.g. `tau=4` for ws)."""
+  try:
+    factory = _REGISTRY[name]
+  except KeyError:
+    raise ValueError(f"Unknown paging policy {name!r}; known policies: "
+                     f"{', '.join(_REGISTRY)}.") from None
+  try:
+    return factory(**kwargs)
+  except TypeError:
+    raise ValueError(f"policy {name!r} does not take options {kwargs}.") from None
+
+
+def rank_to_keep(keys: tuple, num_experts: int) -> jax.Array:
+  """Orders experts from most to least worth keeping; ties: lower id first.
+
+  Returns:
+    `[E]` int32 expert ids, most worth keeping first.
+  """
+  ids = jnp.arange(num_experts, dtype=jnp.int32)
+  # lexsort sorts ascending by the LAST key first; negate to sort descending.
+  return jnp.lexsort((ids,) + tuple(-k for k in reversed(keys))).astype(jnp.int32)
