@@ -29,8 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data: stdlib .py files, split by a hash of each file's path.
   config.val_fraction = 0.1
-  config.max_train_bytes = None  # all training files
-  config.max_val_bytes = None
+  # Caps on the bytes read (None: every file of the split).
+  config.max_train_bytes = ml_collections.config_dict.placeholder(int)
+  config.max_val_bytes = ml_collections.config_dict.placeholder(int)
 
   config.batch_size = 16
   config.seq_len = 256
@@ -53,8 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "tiny":
     config.model.overrides = ml_collections.ConfigDict(dict(
-        name="default-tiny", d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-        expert_ffn=32, max_seq_len=64))
+        name="default-tiny", d_model=32, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=16, expert_ffn=32, max_seq_len=64))
     config.max_train_bytes = 200_000
     config.max_val_bytes = 50_000
     config.batch_size = 8

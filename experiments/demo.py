@@ -19,8 +19,11 @@ from wisp_jax.models.default import load_default
 from wisp_jax.serving.generate import generate
 
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 2, "Prompts in the batch.")
+_FIRST_PROMPT = flags.DEFINE_integer(
+    "first_prompt", 2, "Index of the first prompt in data.sample_prompts.")
 _PROMPT_BYTES = flags.DEFINE_integer("prompt_bytes", 160,
                                      "Longest prompt in bytes.")
+# Prompt + continuation stay within the 256-byte training context.
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 96,
                                        "Bytes to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.6,
@@ -42,7 +45,9 @@ def main(argv):
   c = model.config
   print(f"model {c.name}: L={c.num_layers} E={c.num_experts} K={c.top_k} "
         f"D={c.d_model} F={c.expert_ffn}, byte-level (V={c.vocab_size})")
-  texts = data.sample_prompts(_NUM_PROMPTS.value, _PROMPT_BYTES.value)
+  first = _FIRST_PROMPT.value
+  texts = data.sample_prompts(first + _NUM_PROMPTS.value,
+                              _PROMPT_BYTES.value)[first:]
   prompts = [data.encode(t) for t in texts]
   n = _MAX_NEW_TOKENS.value
 

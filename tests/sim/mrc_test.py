@@ -13,9 +13,9 @@ def lru_hits_reference(trace: RoutingTrace, capacity: int) -> np.ndarray:
 
   Per step and layer: U = distinct experts the step's tokens need; hits =
   |U & cache|, misses = |U - cache|. Each miss evicts the least recently
-  used cached expert not in U, if the cache is full. Within a step, U's
-  experts count as used in ascending id order. If |U| > capacity, the
-  cache keeps the `capacity` highest ids of U after the step.
+  used cached expert not in U, if the cache is full; among experts last
+  used in the same step, the higher id is evicted first. If |U| >
+  capacity, the cache keeps the `capacity` lowest ids of U after the step.
   """
   hits = np.zeros(trace.num_layers, np.int64)
   for layer in range(trace.num_layers):
@@ -32,10 +32,10 @@ def lru_hits_reference(trace: RoutingTrace, capacity: int) -> np.ndarray:
             continue  # transient: loaded for this step only
           cache.remove(min(victims, key=last_use.__getitem__))
         cache.add(e)
-      for order, e in enumerate(needed):
-        last_use[e] = (t, order)
+      for e in needed:
+        last_use[e] = (t, -e)  # larger = kept longer
       if len(needed) > capacity:
-        cache = set(needed[-capacity:]) if capacity else set()
+        cache = set(needed[:capacity])
   return hits
 
 
@@ -53,11 +53,11 @@ def _one_layer_trace(steps: list[list[list[int]]], num_experts: int
 
 
 # E=4, K=1; per-step needed sets {0,1}, {1,2}, {0}, {1,3} (two tokens in
-# steps 0, 1, 3). Stack (most recent first, higher id first within a step):
-#   t0: cold 0, 1          -> [1, 0]
-#   t1: 1 at distance 0, 2 cold -> [2, 1, 0]
-#   t2: 0 at distance 2    -> [0, 2, 1]
-#   t3: 1 at distance 2, 3 cold.
+# steps 0, 1, 3). Stack (most recent first, lower id first within a step):
+#   t0: cold 0, 1               -> [0, 1]
+#   t1: 1 at distance 1, 2 cold -> [1, 2, 0]
+#   t2: 0 at distance 2         -> [0, 1, 2]
+#   t3: 1 at distance 1, 3 cold.
 TINY = [[[0], [1]], [[1], [2]], [[0]], [[3], [1]]]
 
 
@@ -65,10 +65,10 @@ def test_hand_computed_curve():
   curve = mrc.mattson(_one_layer_trace(TINY, 4))
   assert np.array_equal(curve.references, [7])
   assert np.array_equal(curve.cold, [4])
-  assert np.array_equal(curve.distance_histogram, [[1, 0, 2, 0]])
-  assert np.array_equal(curve.hits, [[0, 1, 1, 3, 3]])
-  assert np.array_equal(curve.misses, [[7, 6, 6, 4, 4]])
-  assert np.array_equal(curve.hits_at(2), [1])
+  assert np.array_equal(curve.distance_histogram, [[0, 2, 1, 0]])
+  assert np.array_equal(curve.hits, [[0, 0, 2, 3, 3]])
+  assert np.array_equal(curve.misses, [[7, 7, 5, 4, 4]])
+  assert np.array_equal(curve.hits_at(2), [2])
   assert np.array_equal(curve.hits_at(99), [3])
   assert np.array_equal(curve.misses_at([3]), [4])
   assert curve.num_steps == 4
@@ -77,18 +77,20 @@ def test_hand_computed_curve():
 @pytest.mark.parametrize("capacity", [0, 1, 2, 3, 4])
 def test_reference_lru_matches_hand_curve(capacity):
   hits = lru_hits_reference(_one_layer_trace(TINY, 4), capacity)
-  assert np.array_equal(hits, [[0, 1, 1, 3, 3][capacity]])
+  assert np.array_equal(hits, [[0, 0, 2, 3, 3][capacity]])
 
 
-def test_overflowing_step_keeps_highest_ids():
-  # Capacity 2, step 0 needs {0, 1, 2}: the cache keeps {1, 2}, so step 1
-  # ({0, 2}) hits only 2; then 1 (older than 0 and 2) is evicted for 3.
-  trace = _one_layer_trace([[[0, 1], [2, 0]], [[0, 2]], [[3, 0]],
-                            [[1, 2]]], 4)
+def test_overflowing_step_keeps_lowest_ids():
+  # Needed sets {0,1,2}, {0,1}, {3}, {0}. Capacity 2: step 0 leaves {0, 1}
+  # cached, so step 1 hits both; step 2 evicts 1 (same last use as 0,
+  # higher id) for 3; step 3 hits 0. Keeping {1, 2} instead would give 1.
+  trace = _one_layer_trace([[[0], [1], [2]], [[1], [0]], [[3]], [[0]]], 4)
   curve = mrc.mattson(trace)
-  assert np.array_equal(lru_hits_reference(trace, 2), [2])
-  assert np.array_equal(curve.hits_at(2), [2])
-  assert np.array_equal(curve.hits[0], [0, 1, 2, 4, 5])
+  assert np.array_equal(lru_hits_reference(trace, 2), [3])
+  assert np.array_equal(curve.hits_at(2), [3])
+  # Distances: t1: 0 -> 0, 1 -> 1; t3: 0 -> 1 (3 above it); 4 cold.
+  assert np.array_equal(curve.distance_histogram, [[1, 2, 0, 0]])
+  assert np.array_equal(curve.hits[0], [0, 1, 3, 3, 3])
 
 
 @pytest.mark.parametrize("make", [

@@ -130,7 +130,6 @@ def test_a_layer_that_lost_a_whole_step_is_not_misaligned(tmp_path):
   _assert_same_events(got, trace.select(keep))
   assert np.array_equal(got.step, [0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
   assert report.unmatched_steps == 1 and report.mismatched_rows == 1
-  assert any("step counts" in w for w in report.warnings)
 
 
 def _per_token_rows(trace, key="problem_id", name=lambda r: int(r)):
@@ -141,10 +140,11 @@ def _per_token_rows(trace, key="problem_id", name=lambda r: int(r)):
           for i in range(trace.num_tokens) for layer in range(trace.num_layers)]
 
 
-@pytest.mark.parametrize("key, name", [("problem_id", int),
-                                       ("request_id", lambda r: f"q{r}")])
-def test_per_token_rows_in_any_order(tmp_path, key, name):
-  trace = synthetic.sticky(2, 8, 2, 3, 5, 2, seed=1)
+@pytest.mark.parametrize("key, name, layers", [
+    ("problem_id", int, 2), ("request_id", lambda r: f"q{r}", 2),
+    ("problem_id", int, 1)])
+def test_per_token_rows_in_any_order(tmp_path, key, name, layers):
+  trace = synthetic.sticky(layers, 8, 2, 3, 5, 2, seed=1)
   rows = _per_token_rows(trace, key, name)
   order = np.random.default_rng(0).permutation(len(rows))
   path = tmp_path / "tokens.jsonl.gz"
@@ -220,5 +220,5 @@ def test_metadata_conflicts_and_inference(tmp_path):
   _write_batched(tmp_path, trace)
   with pytest.raises(ValueError, match="metadata says num_experts=8"):
     importers.import_vllm_routes(tmp_path, num_experts=16)
-  with pytest.raises(ValueError, match="does not exist"):
+  with pytest.raises(ValueError, match="names no files"):
     importers.import_vllm_routes(tmp_path / "nope.jsonl")

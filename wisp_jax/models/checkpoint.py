@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -66,10 +67,6 @@ def _checkpointer() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
-def _dtype_name(dtype) -> str:
-  return jnp.dtype(dtype).name
-
-
 def _flat_name(path: tuple[Any, ...]) -> str:
   return ".".join(str(part) for part in path)
 
@@ -94,15 +91,24 @@ def save(model: MoEModel, path: str | os.PathLike, dtype=None) -> pathlib.Path:
     the absolute checkpoint path.
   """
   path = pathlib.Path(path).absolute()
-  if path.exists() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
+  is_checkpoint = (path / CONFIG_FILE).exists()
+  if path.exists() and any(path.iterdir()) and not is_checkpoint:
     raise CheckpointError(
         f"{path} exists, is not empty and is not a wisp_jax checkpoint; "
         "refusing to overwrite it. Choose an empty or new directory.")
   dtype = jnp.dtype(dtype or model.dtype)
-  cast = lambda x: jnp.asarray(x).astype(dtype)
+
+  def cast(x: jax.Array) -> jax.Array:
+    if x.dtype == dtype:
+      return x
+    # Through NumPy: a host-memory (pinned_host) array cannot run astype.
+    return jnp.asarray(np.asarray(x).astype(dtype))
+
   decoder = {k: cast(v) for k, v in _decoder_flat(model.decoder).items()}
   experts = {name: cast(getattr(model.experts, name)[...])
              for name in EXPERT_NAMES}
+  if is_checkpoint:  # until rewritten, the directory is no checkpoint
+    (path / CONFIG_FILE).unlink()
   path.mkdir(parents=True, exist_ok=True)
   with _quiet():
     checkpointer = _checkpointer()
@@ -138,7 +144,8 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
         f"expected {FORMAT!r}.")
   if meta.get("version") != VERSION:
     raise CheckpointError(f"{path} has checkpoint version "
-                          f"{meta.get('version')!r}; this code reads {VERSION}.")
+                          f"{meta.get('version')!r}; this code reads "
+                          f"{VERSION}.")
   for item in (DECODER_ITEM, EXPERTS_ITEM):
     if not (path / item).is_dir():
       raise CheckpointError(f"checkpoint {path} lacks its {item!r} item "
@@ -172,7 +179,8 @@ def _check_config(path: pathlib.Path, stored: MoEConfig,
 
 def _targets(path: pathlib.Path, item: str,
              expected: dict[str, jax.ShapeDtypeStruct], dtype,
-             sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+             sharding: jax.sharding.Sharding
+             ) -> dict[str, jax.ShapeDtypeStruct]:
   """Checks the stored tensors against `expected`; returns restore targets."""
   with _quiet():
     stored = _checkpointer().metadata(path / item).item_metadata
@@ -205,6 +213,15 @@ def _sharding(memory_kind: str | None) -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind)
 
 
+def _check_dtype(dtype) -> None:
+  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise CheckpointError(
+        f"restore dtype must be a float type, got {jnp.dtype(dtype).name}: "
+        "orbax converts values, not bits. For a bf16 bank kept as uint16 "
+        "bits, restore as bfloat16 and bitcast with "
+        "jax.lax.bitcast_convert_type.")
+
+
 def _expert_shapes(config: MoEConfig) -> dict[str, jax.ShapeDtypeStruct]:
   c = config
   shape_in = (c.num_layers, c.num_experts, c.d_model, c.expert_ffn)
@@ -231,6 +248,7 @@ def restore_experts(path: str | os.PathLike, memory_kind: str | None =
     `ExpertWeights` with gate/up `[L, E, D, F]` and down `[L, E, F, D]`.
   """
   path = pathlib.Path(path).absolute()
+  _check_dtype(dtype)
   stored_config = load_config(path)
   _check_config(path, stored_config, config)
   targets = _targets(path, EXPERTS_ITEM, _expert_shapes(stored_config), dtype,
@@ -258,6 +276,7 @@ def restore(path: str | os.PathLike, dtype=None,
     the model; its experts live in `expert_memory_kind`.
   """
   path = pathlib.Path(path).absolute()
+  _check_dtype(dtype)
   meta = _read_meta(path)
   stored_config = load_config(path)
   _check_config(path, stored_config, config)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from wisp_jax.models import device
+
 
 @struct.dataclass
 class KVCache:
@@ -31,8 +33,8 @@ class KVCache:
              start: jax.Array) -> "KVCache":
     """Zeroed cache; `start` `[B]` int32 is a device array."""
     shape = (num_layers, batch, max_len, kv_heads, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               start=start, index=jnp.zeros((), jnp.int32))
+    return cls(k=device.zeros(shape, dtype), v=device.zeros(shape, dtype),
+               start=start, index=device.zeros((), jnp.int32))
 
   def update(self, layer: int, k: jax.Array, v: jax.Array):
     """Writes `k`, `v` `[B, T, Hkv, Dh]` at `index`, returns keys and mask.

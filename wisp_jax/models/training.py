@@ -39,7 +39,8 @@ UNIFORM_BITS_PER_BYTE = 8.0
 
 def model_config(config: ml_collections.ConfigDict) -> MoEConfig:
   """The `MoEConfig` named by `config.model.preset` with its overrides."""
-  overrides = dict(config.model.get("overrides", {}) or {})
+  overrides = config.model.get("overrides")
+  overrides = overrides.to_dict() if overrides else {}
   return get_config(config.model.preset).replace(**overrides)
 
 
@@ -159,7 +160,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer:
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": ce, "aux_loss": aux,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return params, opt_state, metrics
 
   return step
@@ -269,37 +270,36 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   step_fn = make_train_step(graphdef, optimizer, config.aux_loss_weight)
   tokens_per_step = config.batch_size * config.seq_len
 
-  metrics_file = open(workdir / "metrics.jsonl", "w")
-  start = time.perf_counter()
-  window_start, window_steps = start, 0
-  for step in range(1, config.num_steps + 1):
-    params, opt_state, metrics = step_fn(params, opt_state,
-                                         jnp.asarray(next(batches)))
-    window_steps += 1
-    if step == 1:  # the first step compiles; keep it out of tokens/s
-      jax.block_until_ready(params)
-      logging.info("first step (compile) took %.1f s",
-                   time.perf_counter() - start)
-      window_start, window_steps = time.perf_counter(), 0
-    if step % config.log_every == 0 or step == config.num_steps:
-      metrics = {k: float(v) for k, v in metrics.items()}  # syncs
-      now = time.perf_counter()
-      tokens_per_s = window_steps * tokens_per_step / (now - window_start)
-      eta = (config.num_steps - step) * tokens_per_step / tokens_per_s
-      record = {"step": step, "tokens_per_s": tokens_per_s,
-                "elapsed_s": now - start, **metrics}
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
-      logging.info("step %d/%d loss %.4f (%.3f bits/byte) aux %.3f "
-                   "%.0f tokens/s ETA %.0f s", step, config.num_steps,
-                   metrics["loss"], metrics["loss"] / math.log(2),
-                   metrics["aux_loss"], tokens_per_s, eta)
-      window_start, window_steps = now, 0
-    if config.checkpoint_every and step % config.checkpoint_every == 0:
-      nnx.update(model, params)
-      checkpoint.save(model, workdir / f"checkpoint_{step}",
-                      dtype=config.checkpoint_dtype)
-  metrics_file.close()
+  with open(workdir / "metrics.jsonl", "w") as metrics_file:
+    start = time.perf_counter()
+    window_start, window_steps = start, 0
+    for step in range(1, config.num_steps + 1):
+      params, opt_state, metrics = step_fn(params, opt_state,
+                                           jnp.asarray(next(batches)))
+      window_steps += 1
+      if step % config.log_every == 0 or step == config.num_steps:
+        metrics = {k: float(v) for k, v in metrics.items()}  # syncs
+        now = time.perf_counter()
+        tokens_per_s = window_steps * tokens_per_step / (now - window_start)
+        eta = (config.num_steps - step) * tokens_per_step / tokens_per_s
+        record = {"step": step, "tokens_per_s": tokens_per_s,
+                  "elapsed_s": now - start, **metrics}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        logging.info("step %d/%d loss %.4f (%.3f bits/byte) aux %.3f "
+                     "%.0f tokens/s ETA %.0f s", step, config.num_steps,
+                     metrics["loss"], metrics["loss"] / math.log(2),
+                     metrics["aux_loss"], tokens_per_s, eta)
+        window_start, window_steps = now, 0
+      if step == 1:  # the first step compiles; keep it out of later tokens/s
+        jax.block_until_ready(params)
+        logging.info("first step (compile) took %.1f s",
+                     time.perf_counter() - start)
+        window_start, window_steps = time.perf_counter(), 0
+      if config.checkpoint_every and step % config.checkpoint_every == 0:
+        nnx.update(model, params)
+        checkpoint.save(model, workdir / f"checkpoint_{step}",
+                        dtype=config.checkpoint_dtype)
   train_time = time.perf_counter() - start
 
   nnx.update(model, params)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wisp_jax.models import moe
+from wisp_jax.models import device, moe
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.paging import bank as bank_lib
 from wisp_jax.paging import pager
@@ -118,18 +118,19 @@ def validate_slots(config: MoEConfig, slots_per_layer) -> np.ndarray:
 @jax.jit
 def _load_hot_set(bank, slots, state):
   for layer in range(state.expert_in_slot.shape[0]):
-    count = jnp.sum(state.expert_in_slot[layer] >= 0, dtype=jnp.int32)
-    slots = copy_experts(bank, slots, layer, state.expert_in_slot[layer],
-                         jnp.arange(state.expert_in_slot.shape[1],
-                                    dtype=jnp.int32), count)
+    occupant = state.expert_in_slot[layer]
+    count = jnp.sum(occupant >= 0, dtype=jnp.int32)
+    # Occupied slots first, so the first `count` copies are the real ones.
+    dest = jnp.argsort(occupant < 0, stable=True).astype(jnp.int32)
+    slots = copy_experts(bank, slots, layer, occupant[dest], dest, count)
     state = state.replace(loads=state.loads.at[layer].add(count))
   return slots, state
 
 
 def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
                 slots_per_layer=None, policy: str = "lru",
-                policy_options: dict | None = None, hot_set=None
-                ) -> tuple[PagingSpec, Any, Any]:
+                policy_options: dict | None = None, hot_set=None,
+                num_slots: int | None = None) -> tuple[PagingSpec, Any, Any]:
   """Validates the request and builds (spec, bank, carry) for `generate`.
 
   Args:
@@ -140,7 +141,11 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
     slots_per_layer: S (int) or per-layer capacities `[L]` (paged only).
     policy: paging policy name (paged only).
     policy_options: options of the policy, e.g. `{"tau": 4}` for ws.
-    hot_set: `[L, S]` resident experts of `pinned`.
+    hot_set: `[L, S']` resident experts of `pinned` (S' <= capacity; the
+      rest of the buffer stays empty).
+    num_slots: slot rows per layer in the device buffer (default: the
+      largest capacity). A larger buffer lets capacities change without
+      recompiling; rows beyond a layer's capacity stay unused.
   """
   if experts not in SOURCES:
     raise ValueError(f"Unknown expert source {experts!r}; known sources: "
@@ -156,19 +161,25 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
   if rule.needs_hint:
     raise ValueError(f"policy {policy!r} needs future routing and only runs "
                      "in trace replay (wisp_jax.sim).")
-  num_slots = int(capacity.max())
-  if not rule.evicts:
-    if hot_set is None:
-      raise ValueError(
-          f"policy {policy!r} needs hot_set [L, S]; build one with "
-          "wisp_jax.paging.api.hot_set_from_routing.")
-    if np.any(capacity != num_slots):
-      raise ValueError("policy 'pinned' needs the same slots in every layer.")
+  if num_slots is None:
+    num_slots = int(capacity.max())
+  if not capacity.max() <= num_slots <= config.num_experts:
+    raise ValueError(f"num_slots={num_slots} must lie in [max capacity "
+                     f"{capacity.max()}, num_experts {config.num_experts}].")
+  if not rule.evicts and hot_set is None:
+    raise ValueError(
+        f"policy {policy!r} needs hot_set [L, S]; build one with "
+        "wisp_jax.paging.api.hot_set_from_routing.")
+  if hot_set is not None:
+    hot_set = np.asarray(hot_set, np.int32)
+    if hot_set.ndim == 2 and hot_set.shape[1] < num_slots:
+      hot_set = np.pad(hot_set, ((0, 0), (0, num_slots - hot_set.shape[1])),
+                       constant_values=-1)
   state = pager.init_state(rule, config.num_layers, config.num_experts,
                            num_slots, capacity, hot_set)
   slots = jax.tree.map(
-      lambda w: jnp.zeros((config.num_layers, num_slots) + w.shape[2:],
-                          w.dtype), bank)
+      lambda w: device.zeros((config.num_layers, num_slots) + w.shape[2:],
+                             jnp.dtype(w.dtype)), bank)
   if hot_set is not None:
     slots, state = _load_hot_set(bank, slots, state)
   return PagingSpec("paged", policy, options), bank, (slots, state)

@@ -13,8 +13,9 @@ Semantics of a step in layer l (needed set U, capacity c):
     retention keys that U does not need (empty slots first);
   * if |U| > c (big batch, prefill): the c experts of U with the largest
     retention keys stay resident at the end of the step; the others are
-    served first, in groups of at most c through the same slots. Every copy
-    is counted in `loads` (>= misses: the overflow's extra traffic).
+    served first (already resident ones first), in groups that fit through
+    the same slots. Every copy is counted in `loads` (>= misses: the
+    overflow's extra traffic).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def init_state(policy: Policy, num_layers: int, num_experts: int,
     num_experts: E.
     num_slots: S, slots per layer in the buffer.
     capacity: usable slots per layer, int or `[L]`; defaults to S.
-    hot_set: `[L, S]` expert ids resident from the start (required for
-      `pinned`, whose slots never change).
+    hot_set: `[L, S]` expert ids resident from the start, -1 for an empty
+      slot (required for `pinned`, whose slots never change).
   """
   import numpy as np  # Host-side validation only.
   cap = np.broadcast_to(np.asarray(num_slots if capacity is None else capacity,
@@ -108,16 +109,18 @@ def init_state(policy: Policy, num_layers: int, num_experts: int,
   if hot_set is not None:
     hot = np.asarray(hot_set, np.int32)
     if hot.shape != (num_layers, num_slots):
-      raise ValueError(f"hot_set must have shape {(num_layers, num_slots)}, "
-                       f"got {hot.shape}.")
-    if hot.min() < 0 or hot.max() >= num_experts:
-      raise ValueError(f"hot_set ids must be in [0, {num_experts}).")
+      raise ValueError(f"hot_set must have shape {(num_layers, num_slots)} "
+                       f"(-1 marks an empty slot), got {hot.shape}.")
+    if hot.min() < -1 or hot.max() >= num_experts:
+      raise ValueError(f"hot_set ids must be in [0, {num_experts}) or -1.")
     for layer in range(num_layers):
-      if len(set(hot[layer].tolist())) != num_slots:
-        raise ValueError(f"hot_set layer {layer} repeats an expert: "
+      ids = hot[layer][hot[layer] >= 0]
+      if len(set(ids.tolist())) != ids.size or ids.size > cap[layer]:
+        raise ValueError(f"hot_set layer {layer} repeats an expert or holds "
+                         f"more than capacity {cap[layer]}: "
                          f"{hot[layer].tolist()}.")
       expert_in_slot[layer] = hot[layer]
-      slot_of_expert[layer, hot[layer]] = np.arange(num_slots)
+      slot_of_expert[layer, ids] = np.flatnonzero(hot[layer] >= 0)
   elif not policy.evicts:
     raise ValueError(f"policy {policy.name!r} needs a hot_set.")
   one_layer = policy.init(num_experts)
@@ -238,38 +241,44 @@ def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
   order = rank_to_keep(policy.keys(policy_state, tick, hint), num_experts)
   keep_rank = jnp.zeros((num_experts,), jnp.int32).at[order].set(
       jnp.arange(num_experts, dtype=jnp.int32))
-  # Rank of each needed expert among the needed, most worth keeping first;
-  # group 0 = the c to keep, served last; the rest in groups of c before.
+  # The c needed experts most worth keeping form the final group, served
+  # last; the others go first in groups that fit, resident ones first so
+  # they are used before anything can evict them.
+  cap = ls.capacity
   needed_rank = jnp.cumsum(needed[order]) - 1
   rank_in_needed = jnp.zeros((num_experts,), jnp.int32).at[order].set(
       needed_rank.astype(jnp.int32))
-  cap = ls.capacity
   final = needed & (rank_in_needed < cap)
-  # Earlier groups keep the final group's resident experts in place while
+  early = needed & ~final
+  early_order = jnp.lexsort((keep_rank, ~resident)).astype(jnp.int32)
+  early_rank = jnp.zeros((num_experts,), jnp.int32).at[early_order].set(
+      (jnp.cumsum(early[early_order]) - 1).astype(jnp.int32))
+  # Early groups keep the final group's resident experts in place while
   # that leaves them room, so overflow costs as few reloads as possible.
   final_resident = final & resident
   num_final_resident = jnp.sum(final_resident, dtype=jnp.int32)
   spare = num_final_resident < cap
   room = jnp.where(spare, cap - num_final_resident, cap)
   protect = final_resident & spare
-  group = jnp.where(final, 0, jnp.where(
-      needed, 1 + (rank_in_needed - cap) // room, -1))
-  num_groups = 1 + jnp.maximum(num_needed - cap + room - 1, 0) // room
+  num_early_groups = (jnp.sum(early, dtype=jnp.int32) + room - 1) // room
+  # Groups 0 .. num_early_groups-1 are early; group num_early_groups is final.
+  group = jnp.where(final, num_early_groups,
+                    jnp.where(early, early_rank // room, -1))
 
   def body(carry):
     g, slot_of_expert, expert_in_slot, loads, data = carry
-    plan, expert_in_slot = plan_chunk(slot_of_expert, expert_in_slot, cap,
-                                      keep_rank, group == g,
-                                      jnp.where(g > 0, protect, False))
+    plan, expert_in_slot = plan_chunk(
+        slot_of_expert, expert_in_slot, cap, keep_rank, group == g,
+        jnp.where(g < num_early_groups, protect, False))
     if on_chunk is not None:
       data = on_chunk(data, plan)
-    return (g - 1, plan.slot_of_expert, expert_in_slot,
+    return (g + 1, plan.slot_of_expert, expert_in_slot,
             loads + plan.num_loads, data)
 
-  init = (num_groups - 1, ls.slot_of_expert, ls.expert_in_slot,
+  init = (jnp.zeros((), jnp.int32), ls.slot_of_expert, ls.expert_in_slot,
           jnp.zeros((), jnp.int32), data)
   _, slot_of_expert, expert_in_slot, loads, data = jax.lax.while_loop(
-      lambda carry: carry[0] >= 0, body, init)
+      lambda carry: carry[0] <= num_early_groups, body, init)
   new = ls.replace(slot_of_expert=slot_of_expert,
                    expert_in_slot=expert_in_slot, policy_state=policy_state,
                    hits=ls.hits + hits, misses=ls.misses + num_needed - hits,

@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEVER = jnp.iinfo(jnp.int32).max
 
@@ -30,7 +31,8 @@ class Policy(NamedTuple):
 
   Attributes:
     name: registry name.
-    init: `num_experts -> state` (a pytree of `[E]` arrays).
+    init: `num_experts -> state` (a pytree of `[E]` numpy arrays; the
+      pager stacks and places them).
     update: `(state, needed [E] bool, missed [E] bool, tick [] int32) ->
       state`, called once per step with the experts the step needed and
       those that were not resident.
@@ -49,7 +51,7 @@ class Policy(NamedTuple):
 
 
 def _last_use_init(num_experts):
-  return {"last_use": jnp.full((num_experts,), -1, jnp.int32)}
+  return {"last_use": np.full((num_experts,), -1, np.int32)}
 
 
 def _touch(state, needed, missed, tick):
@@ -67,7 +69,7 @@ def fifo() -> Policy:
   """First in, first out: keep the most recently *loaded* experts."""
 
   def init(num_experts):
-    return {"loaded_at": jnp.full((num_experts,), -1, jnp.int32)}
+    return {"loaded_at": np.full((num_experts,), -1, np.int32)}
 
   def update(state, needed, missed, tick):
     del needed
@@ -87,7 +89,7 @@ def lfu(age_every: int = 0) -> Policy:
     raise ValueError(f"lfu age_every must be >= 0, got {age_every}.")
 
   def init(num_experts):
-    return {"count": jnp.zeros((num_experts,), jnp.int32),
+    return {"count": np.zeros((num_experts,), np.int32),
             **_last_use_init(num_experts)}
 
   def update(state, needed, missed, tick):

@@ -111,7 +111,8 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0, *,
              experts: str = "resident", slots_per_layer=None,
              policy: str = "lru", policy_options: dict | None = None,
-             hot_set=None, bank=None, return_logits: bool = False,
+             hot_set=None, num_slots: int | None = None, bank=None,
+             return_logits: bool = False,
              record_routing: bool = False) -> GenerateOutput:
   """Greedy or sampled continuation of a batch of prompts.
 
@@ -127,6 +128,9 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
     policy: paging policy (`lru`, `lfu`, `fifo`, `ws`, `pinned`).
     policy_options: e.g. `{"tau": 4}` for ws, `{"age_every": 16}` for lfu.
     hot_set: `[L, S]` experts kept by `pinned`.
+    num_slots: slot rows per layer of the device buffer for `paged`
+      (default: max of slots_per_layer); capacities below it share one
+      compiled step.
     bank: a prebuilt host bank (`wisp_jax.paging.bank.make_bank`); built
       from the model's experts when omitted.
     return_logits: keep the logits of every generated token.
@@ -152,7 +156,8 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
   elif bank is None:
     bank = bank_lib.make_bank(model.experts.weights())
   spec, arrays, carry = paging_api.make_source(
-      config, bank, experts, slots_per_layer, policy, policy_options, hot_set)
+      config, bank, experts, slots_per_layer, policy, policy_options, hot_set,
+      num_slots)
 
   graphdef, state = nnx.split(model.decoder)
   kv = KVCache.create(config.num_layers, batch, total, config.num_kv_heads,

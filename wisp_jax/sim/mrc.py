@@ -7,18 +7,20 @@ Reference model (what a "hit" means; the pager's LRU replay follows it):
     t, layer l *references* the set U of distinct experts that any of the
     step's tokens routed to in that layer: an expert needed by several
     tokens of a step is one reference, and all of U is accessed at once.
-  * Within a step, the experts of U count as used in ascending id order,
-    so each referenced expert e has the priority key
-        key(e) = ordinal(last step that referenced e) * E + e,
+  * Each referenced expert e has the priority key
+        key(e) = ordinal(last step that referenced e) * E + (E - 1 - e),
     i.e. more recent is higher, and among experts last used in the same
-    step the higher id is more recent. Keys are unique within a layer.
-  * An LRU cache of capacity c holds, just before step t, the c experts
-    with the highest keys among all experts referenced before t (fewer if
-    fewer were ever referenced). At step t: hits = |U & cache|, misses =
-    |U - cache|; then every e in U gets key(e) updated to step t.
-    Equivalently: evict the lowest-key experts that are not in U to make
-    room for U's misses; if |U| > c, all of U is loaded for the step
-    (transiently) and the cache keeps the c highest-id experts of U.
+    step the LOWER id ranks higher (is kept longer). Keys are unique
+    within a layer. This is the pager's LRU: retention key = last-use
+    step, ties kept by lower id (`wisp_jax.paging.policies`).
+  * Caches start empty. An LRU cache of capacity c holds, just before
+    step t, the c experts with the highest keys among all experts
+    referenced before t (fewer if fewer were ever referenced). At step t:
+    hits = |U & cache|, misses = |U - cache|; then every e in U gets
+    key(e) updated to step t. Equivalently: evict the lowest-key experts
+    that are not in U to make room for U's misses; if |U| > c, all of U
+    is loaded for the step (transiently) and the cache keeps the c
+    lowest-id experts of U.
   * Stack distance of a reference to e at step t: the number of experts
     whose key exceeds key(e) before step t (infinite if e was never
     referenced: a cold miss). A capacity-c cache hits it iff distance < c,
@@ -111,7 +113,7 @@ def lru_priority(step_ordinal: np.ndarray | int, expert: np.ndarray | int,
                  num_experts: int) -> np.ndarray:
   """The LRU key of the module docstring: higher is more recently used."""
   return (np.asarray(step_ordinal, np.int64) * num_experts
-          + np.asarray(expert, np.int64))
+          + (num_experts - 1 - np.asarray(expert, np.int64)))
 
 
 def mattson(trace_or_masks: RoutingTrace | np.ndarray) -> MissRatioCurve:

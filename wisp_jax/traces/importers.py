@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import glob
 import gzip
 import json
@@ -62,7 +63,6 @@ class ImportReport:
     layer_ids: the layer number of each trace layer.
     request_ids: trace request code -> request id in the log.
     num_experts_inferred: nothing gave E; it is max id + 1.
-    warnings: anything else worth reading.
   """
   files: tuple[str, ...] = ()
   layout: str = ""
@@ -76,28 +76,21 @@ class ImportReport:
   layer_ids: tuple[int, ...] = ()
   request_ids: dict[int, Any] = dataclasses.field(default_factory=dict)
   num_experts_inferred: bool = False
-  warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def resolve_paths(paths: Paths) -> list[str]:
   """Files named by a path, a list of paths, a directory or a glob."""
   items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-  natural = lambda p: [int(x) if x.isdigit() else x
-                       for x in re.split(r"(\d+)", p)]
   files = []
   for item in map(str, items):
-    if os.path.isdir(item):
-      found = [os.path.join(item, f) for f in os.listdir(item)]
-    elif any(ch in item for ch in "*?["):
-      found = glob.glob(item)
-    elif os.path.isfile(item):
-      found = [item]
-    else:
-      raise ValueError(f"routing log {item!r} does not exist.")
-    found = [f for f in found if os.path.isfile(f)]
+    pattern = os.path.join(glob.escape(item), "*") if os.path.isdir(item) \
+        else item
+    found = [f for f in glob.glob(pattern) if os.path.isfile(f)]
     if not found:
-      raise ValueError(f"{item!r} names no files.")
-    files += sorted(found, key=natural)
+      raise ValueError(f"routing log {item!r} names no files (no such file, "
+                       "an empty directory or a glob matching nothing).")
+    files += sorted(found, key=lambda p: [  # natural: layer_2 < layer_10
+        int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p)])
   return files
 
 
@@ -126,7 +119,7 @@ class _Reader:
   def __init__(self, num_experts, top_k, skip_malformed, report):
     self.known = {"num_experts": num_experts, "top_k": top_k, "model": None}
     self.skip, self.report = skip_malformed, report
-    self.layers: dict[int, dict[str, list]] = {}
+    self.layers: dict[int, list[tuple]] = {}  # request, token, ids, ...
 
   def bad(self, where: str, problem: str) -> None:
     if not self.skip:
@@ -175,10 +168,8 @@ class _Reader:
         and math.isfinite(w) for w in weights):
       return self.bad(where, f"{names[4]} {weights!r} is not {k} finite "
                       "numbers")
-    rows = self.layers.setdefault(layer, {key: [] for key in (
-        "request", "token", "ids", "weights", "where")})
-    for key, value in zip(rows, (request, token, ids, weights, where)):
-      rows[key].append(value)
+    self.layers.setdefault(layer, []).append(
+        (request, token, ids, weights, where))
     self.report.rows_read += 1
 
 
@@ -225,22 +216,23 @@ def _columns(reader: _Reader, report: ImportReport, sort: bool
              ) -> dict[int, dict[str, np.ndarray]]:
   """Per-layer numpy columns. Request ids that are all ints >= 0 are kept;
   otherwise they get codes in order of appearance (or sorted if `sort`)."""
-  seen = list(dict.fromkeys(r for rows in reader.layers.values()
-                            for r in rows["request"]))
+  seen = list(dict.fromkeys(r[0] for rows in reader.layers.values()
+                            for r in rows))
   if all(_int(r) and r >= 0 for r in seen):
-    codes = {r: r for r in seen}
+    report.request_ids = {r: r for r in sorted(seen)}
   else:
-    codes = {r: i for i, r in enumerate(sorted(seen, key=str) if sort
-                                        else seen)}
-  report.request_ids = {code: r for r, code in sorted(
-      codes.items(), key=lambda item: item[1])}
-  return {layer: {
-      "request": np.array([codes[r] for r in rows["request"]], np.int64),
-      "token": np.array(rows["token"], np.int64),
-      "ids": np.array(rows["ids"], np.int64),
-      "weights": np.array(rows["weights"], np.float32),
-      "where": np.array(rows["where"], object)}
-          for layer, rows in reader.layers.items()}
+    report.request_ids = dict(enumerate(sorted(seen, key=str) if sort
+                                        else seen))
+  codes = {r: code for code, r in report.request_ids.items()}
+  out = {}
+  for layer, rows in reader.layers.items():
+    request, token, ids, weights, where = zip(*rows)
+    out[layer] = {"request": np.array([codes[r] for r in request], np.int64),
+                  "token": np.array(token, np.int64),
+                  "ids": np.array(ids, np.int64),
+                  "weights": np.array(weights, np.float32),
+                  "where": np.array(where, object)}
+  return out
 
 
 def _keyed_by_request(reader: _Reader, col: dict) -> dict:
@@ -272,9 +264,10 @@ def _warmup_rows(ids: np.ndarray, step: np.ndarray | None,
   sets = np.sort(ids, axis=1)
   differs = np.any(sets != sets[0], axis=1)
   run = int(np.argmax(differs)) if differs.any() else len(sets)
-  if run < min_rows or step is None or run == len(sets):
-    return run if run >= min_rows else 0
-  return int(np.searchsorted(step, step[run]))
+  if run < min_rows:
+    return 0
+  return run if step is None or run == len(sets) else int(
+      np.searchsorted(step, step[run]))
 
 
 def _align_steps(ref: list[tuple], other: list[tuple]) -> np.ndarray:
@@ -300,29 +293,23 @@ def _assemble(layers: dict[int, dict], report: ImportReport, known: dict,
   layer_ids = sorted(layers)
   span = 1 + max(int(c["b"].max()) for c in layers.values())
   keys = {l: c["a"] * span + c["b"] for l, c in layers.items()}
-  common = keys[layer_ids[0]]
-  for l in layer_ids[1:]:
-    common = np.intersect1d(common, keys[l])
+  common = np.unique(functools.reduce(np.intersect1d,
+                                      [keys[l] for l in layer_ids]))
   if order_layer is not None:  # keys are unique within a layer
     common = keys[order_layer][np.isin(keys[order_layer], common)]
-  ids, weights, n = [], [], len(common)
+  ids, weights, request, n = [], [], None, len(common)
   for l in layer_ids:
     key_order = np.argsort(keys[l], kind="stable")
     rows = key_order[np.searchsorted(keys[l], common, sorter=key_order)]
     ids.append(layers[l]["ids"][rows])
     weights.append(layers[l]["weights"][rows])
-    request = layers[layer_ids[0]]["request"][rows] if l == layer_ids[0] else (
-        request)
+    request = layers[l]["request"][rows] if request is None else request
     report.mismatched_rows += len(keys[l]) - n
   num_experts = known["num_experts"]
   if num_experts is None:
     report.num_experts_inferred = True
     num_experts = 1 + max(int(c["ids"].max()) for c in layers.values())
   report.layer_ids = tuple(layer_ids)
-  if report.mismatched_rows:
-    report.warnings.append(
-        f"{report.mismatched_rows} rows had no matching row in another layer"
-        f" (rows per layer: {report.rows_per_layer}).")
   step = (np.unique(common // span, return_inverse=True)[1]
           if report.layout == "batched" else np.arange(n))
   shape = (n, len(layer_ids), known["top_k"])
@@ -341,25 +328,22 @@ def import_vllm_routes(
     model: str | None = None) -> tuple[RoutingTrace, ImportReport]:
   """Reads vLLM-style route logs (see the module docstring).
 
-  Layouts:
-    batched: `req_id` names a whole batched run and `token_idx` is the row
-      inside the current forward batch: a row whose token_idx is <= the
-      previous row's (or whose req_id changes) starts a new step. Events
-      are keyed (step, token_idx); `position` holds token_idx. If layers
-      recover different step counts (a collector dropped a whole step),
-      steps are matched to the layer with the most steps by their
-      token_idx patterns; steps that do not pair up are dropped, counted.
-    per_request: `req_id` is a request and `token_idx` its position; one
-      event per step, in the file order of the layer with the most rows.
-    auto: batched if some request's token_idx ever fails to increase.
-
   Args:
     paths: file(s), directory or glob.
     num_experts: E (else from a meta line, else max id + 1).
     top_k: K (else from a meta line, else the first row's length).
-    layout: "auto", "batched" or "per_request".
-    drop_warmup: drop each layer's leading run of rows that all have the
-      same expert set (vLLM's warm-up passes) if it is at least
+    layout: "batched": `req_id` names a whole batched run and `token_idx`
+      is the row in the current forward batch; a token_idx <= the previous
+      row's (or a new req_id) starts a new step; events are keyed (step,
+      token_idx) and `position` is token_idx. If layers recover different
+      step counts (a whole step dropped), steps are matched to the layer
+      with the most steps by token_idx pattern; steps that do not pair up
+      are dropped and counted. "per_request": `req_id` is a request and
+      `token_idx` its position; one event per step, in the file order of
+      the layer with the most rows. "auto": batched if some request's
+      token_idx ever fails to increase.
+    drop_warmup: drop each layer's leading run of rows that all have one
+      expert set (vLLM's warm-up passes) if it is at least
       `min_warmup_rows` long; batched: cut back to a step boundary.
     min_warmup_rows: shortest run taken for a warm-up.
     skip_malformed: skip and count malformed rows instead of raising.
@@ -385,7 +369,7 @@ def import_vllm_routes(
         layout = "batched"
   report.layout = layout
   steps = {}
-  for l, col in cols.items():
+  for l, col in list(cols.items()):
     step = _step_of_row(col) if layout == "batched" else None
     drop = _warmup_rows(col["ids"], step, min_warmup_rows) if drop_warmup \
         else 0
@@ -395,14 +379,15 @@ def import_vllm_routes(
     if not len(col["token"]):
       del cols[l]
     elif layout == "batched":
-      cols[l], steps[l] = col, step[drop:] - (step[drop] if drop else 0)
+      cols[l], steps[l] = col, step[drop:] - step[drop]
     else:
       cols[l] = _keyed_by_request(reader, col)
   if not cols:
     raise ValueError(f"no route rows left in {report.files} after warm-up "
                      "and malformed rows; check drop_warmup/min_warmup_rows.")
-  most = max(sorted(cols), key=lambda l: len(cols[l]["token"]))
-  if layout == "batched":
+  if layout == "per_request":
+    most = max(sorted(cols), key=lambda l: len(cols[l]["token"]))
+  else:
     patterns = {l: [tuple(t) for t in np.split(
         cols[l]["token"], np.flatnonzero(np.diff(steps[l])) + 1)]
                 for l in cols}
@@ -415,11 +400,6 @@ def import_vllm_routes(
       report.mismatched_rows += int(np.sum(to_ref < 0))
       cols[l] = {name: value[to_ref >= 0] for name, value in col.items()}
       cols[l]["a"], cols[l]["b"] = to_ref[to_ref >= 0], cols[l]["token"]
-    if report.unmatched_steps:
-      report.warnings.append(
-          f"layers recovered different step counts "
-          f"{ {l: len(p) for l, p in patterns.items()} }; "
-          f"{report.unmatched_steps} unmatched steps dropped.")
   return _assemble(cols, report, reader.known, model,
                    most if layout == "per_request" else None)
 
@@ -432,16 +412,7 @@ def import_per_token(
 
   Events are sorted to time order (request, token), one event per step;
   requests by id, numerically if all ids are ints, else as strings.
-
-  Args:
-    paths: file(s), directory or glob.
-    num_experts: E (else from a meta line, else max id + 1).
-    top_k: K (else from a meta line, else the first row's length).
-    skip_malformed: skip and count malformed rows instead of raising.
-    model: model name (else from a meta line).
-
-  Returns:
-    (trace, report).
+  Arguments and result are those of `import_vllm_routes`.
   """
   report = ImportReport(layout="per_token")
   reader = _read(paths, (("problem_id", "request_id"), "token_idx", "layer",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -73,8 +74,9 @@ def _check_fields(step, request, phase, position, ids, weights,
       else not np.issubdtype(ids.dtype, np.integer)):
     _fail("ids", f"dtype must be int16 or int32, got {ids.dtype}",
           "cast with trace.id_dtype(num_experts)")
-  if (weights.dtype != np.float32 if strict
-      else not np.issubdtype(weights.dtype, np.floating)):
+  if (weights.dtype != np.float32 if strict else not (
+      np.issubdtype(weights.dtype, np.floating)
+      or np.issubdtype(weights.dtype, np.integer))):
     _fail("weights", f"dtype must be float32, got {weights.dtype}")
   if weights.shape != ids.shape:
     _fail("weights", f"shape {weights.shape} differs from ids {ids.shape}")
@@ -232,7 +234,7 @@ class RoutingTrace:
     try:
       with np.load(path, allow_pickle=False) as data:
         fields = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
       raise ValueError(f"{path}: not a readable RoutingTrace .npz ({e}).")
     try:
       return cls._from_fields(fields)

@@ -1,0 +1,239 @@
+"""Block-paged KV cache: one pool of fixed-size blocks shared by all requests.
+
+The pool holds `[L, NB, BS, Hkv, Dh]` keys and values (NB blocks of BS
+token positions; one block id covers every layer). Each request owns a list
+of blocks (its block table); the host-side `BlockAllocator` hands blocks out
+and takes them back. Inside a jitted step, `PagedKV` is the view of one
+batch: it implements the cache interface of
+`wisp_jax.models.transformer.Decoder.forward` (`update`, `positions`,
+`advance`), so the model code runs unchanged over rows of different lengths.
+
+NB is a runtime capacity (a shape of the pool, chosen by the budget), not a
+model constant; MB, the block-table width, is `ceil(max_seq_len / BS)`.
+
+Shape legend as in `wisp_jax.models.moe`, plus NB pool blocks, BS block size
+(token positions per block), MB blocks per block table, Hkv kv heads, Dh
+head width.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from wisp_jax.models.config import MoEConfig
+
+
+# Made on the device: no host transfer (runs under transfer_guard).
+_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+  """Blocks needed to hold `num_tokens` token positions."""
+  return -(-int(num_tokens) // int(block_size))
+
+
+def max_blocks_per_request(config: MoEConfig, block_size: int) -> int:
+  """MB: blocks of one request of the model's maximum length."""
+  return blocks_for(config.max_seq_len, block_size)
+
+
+def block_bytes(config: MoEConfig, block_size: int, dtype) -> int:
+  """Bytes of one block: keys and values of BS positions in every layer."""
+  c = config
+  return (2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim *
+          jnp.dtype(dtype).itemsize)
+
+
+class BlockAllocator:
+  """Host-side free list of the pool's block ids.
+
+  Blocks are handed out lowest id first (a heap), so allocation order is
+  deterministic and easy to check by hand.
+  """
+
+  def __init__(self, num_blocks: int):
+    if num_blocks < 1:
+      raise ValueError(f"the KV pool needs at least one block, got "
+                       f"num_blocks={num_blocks}.")
+    self.num_blocks = int(num_blocks)
+    self._free = list(range(self.num_blocks))
+    heapq.heapify(self._free)
+    self._in_use: set[int] = set()
+    self.peak_in_use = 0
+
+  @property
+  def num_free(self) -> int:
+    return len(self._free)
+
+  @property
+  def num_in_use(self) -> int:
+    return len(self._in_use)
+
+  def can_alloc(self, count: int) -> bool:
+    return count <= len(self._free)
+
+  def alloc(self, count: int) -> list[int]:
+    """Takes `count` free blocks (lowest ids first).
+
+    Raises:
+      MemoryError: fewer than `count` blocks are free (nothing is taken).
+    """
+    if count < 0:
+      raise ValueError(f"cannot allocate {count} blocks.")
+    if count > len(self._free):
+      raise MemoryError(f"KV pool exhausted: {count} blocks wanted, "
+                        f"{len(self._free)} of {self.num_blocks} free.")
+    blocks = [heapq.heappop(self._free) for _ in range(count)]
+    self._in_use.update(blocks)
+    self.peak_in_use = max(self.peak_in_use, len(self._in_use))
+    return blocks
+
+  def free(self, blocks: Sequence[int]) -> None:
+    """Returns `blocks` to the free list; raises on a block not in use."""
+    for block in blocks:
+      if block not in self._in_use:
+        raise ValueError(f"block {block} is not in use (double free, or not "
+                         f"from this pool of {self.num_blocks}).")
+      self._in_use.remove(block)
+      heapq.heappush(self._free, block)
+
+
+def block_table(rows: Sequence[Sequence[int]], max_blocks: int) -> np.ndarray:
+  """Stacks per-row block lists into a `[B, MB]` int32 table (0-padded;
+  entries past a row's blocks are never read unmasked)."""
+  table = np.zeros((len(rows), max_blocks), np.int32)
+  for i, blocks in enumerate(rows):
+    if len(blocks) > max_blocks:
+      raise ValueError(f"row {i} holds {len(blocks)} blocks; the table has "
+                       f"room for {max_blocks}.")
+    table[i, :len(blocks)] = blocks
+  return table
+
+
+@struct.dataclass
+class KVPool:
+  """Keys and values of every block of the pool (device arrays).
+
+  Attributes:
+    k: `[L, NB, BS, Hkv, Dh]` keys, model dtype.
+    v: `[L, NB, BS, Hkv, Dh]` values, model dtype.
+  """
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def create(cls, config: MoEConfig, num_blocks: int, block_size: int,
+             dtype) -> "KVPool":
+    """A zeroed pool of `num_blocks` blocks of `block_size` positions."""
+    if block_size < 1:
+      raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    c = config
+    shape = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+    return cls(k=_zeros(shape, jnp.dtype(dtype)),
+               v=_zeros(shape, jnp.dtype(dtype)))
+
+  @property
+  def num_blocks(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def block_size(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def nbytes(self) -> int:
+    return self.k.nbytes + self.v.nbytes
+
+
+@struct.dataclass
+class PagedKV:
+  """The pool seen by one batch of rows of different lengths.
+
+  Rows whose `write` is False (batch padding) read like any row but never
+  write: the engine fills them with a copy of row 0, so they compute what
+  row 0 computes and add no expert demand of their own.
+
+  Attributes:
+    pool: the `KVPool`.
+    block_table: `[B, MB]` int32 blocks of each row, in position order.
+    length: `[B]` int32 positions of each row already in the pool (the
+      position of its first new token).
+    num_new: `[B]` int32 real new tokens of this pass (the rest of the `T`
+      tokens is padding: never written, never seen by real queries).
+    write: `[B]` bool, whether the row's new keys and values are stored.
+  """
+  pool: KVPool
+  block_table: jax.Array
+  length: jax.Array
+  num_new: jax.Array
+  write: jax.Array
+
+  def positions(self, t: int) -> jax.Array:
+    """RoPE positions `[B, T]` of the next `t` tokens of each row."""
+    return self.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+  def update(self, layer: int, k: jax.Array, v: jax.Array):
+    """Stores the new `k`, `v` `[B, T, Hkv, Dh]`, returns what to attend to.
+
+    Returns:
+      the view with the updated pool; keys and values of `layer` gathered
+      through the block table `[B, MB * BS, Hkv, Dh]`; the mask
+      `[B, T, MB * BS]` (True: the query may see the key). A query sees its
+      row's positions up to its own and below `length + num_new`; key 0 is
+      always visible so no row (padding included) is fully masked.
+    """
+    pool = self.pool
+    num_blocks, block_size = pool.num_blocks, pool.block_size
+    max_blocks = self.block_table.shape[1]
+    t = k.shape[1]
+    # [B, T]
+    positions = self.positions(t)
+    stored = ((jnp.arange(t, dtype=jnp.int32)[None, :] < self.num_new[:, None])
+              & self.write[:, None])
+    block_index = jnp.clip(positions // block_size, 0, max_blocks - 1)
+    # [B, T] pool block of each new token; NB (dropped) where not stored.
+    block = jnp.where(stored, jnp.take_along_axis(self.block_table,
+                                                  block_index, axis=1),
+                      num_blocks)
+    offset = positions % block_size
+    new_k = pool.k.at[layer, block, offset].set(k.astype(pool.k.dtype),
+                                                mode="drop")
+    new_v = pool.v.at[layer, block, offset].set(v.astype(pool.v.dtype),
+                                                mode="drop")
+    b = k.shape[0]
+    span = max_blocks * block_size
+    # [B, MB, BS, Hkv, Dh] -> [B, MB * BS, Hkv, Dh]
+    keys = new_k[layer][self.block_table].reshape((b, span) + k.shape[2:])
+    values = new_v[layer][self.block_table].reshape((b, span) + v.shape[2:])
+    # [S] key positions; [B, T, S] mask.
+    key_at = jnp.arange(span, dtype=jnp.int32)[None, None, :]
+    total = (self.length + self.num_new)[:, None, None]
+    mask = ((key_at <= positions[:, :, None]) & (key_at < total)) | (
+        key_at == 0)
+    view = self.replace(pool=KVPool(k=new_k, v=new_v))
+    return view, keys, values, mask
+
+  def advance(self, t: int) -> "PagedKV":
+    """The view after this pass: real new tokens join each row's length."""
+    del t  # Rows advance by their own `num_new`, not by the padded T.
+    return self.replace(length=self.length + self.num_new,
+                        num_new=jnp.zeros_like(self.num_new))
+
+
+def check_table_width(config: MoEConfig, block_size: int,
+                      num_blocks: int) -> int:
+  """Returns MB; raises if the pool cannot hold one max-length request."""
+  need = max_blocks_per_request(config, block_size)
+  if num_blocks < need:
+    raise ValueError(
+        f"kv_blocks={num_blocks} of {block_size} positions cannot hold one "
+        f"request of max_seq_len={config.max_seq_len} "
+        f"(needs {need} = ceil({config.max_seq_len} / {block_size})).")
+  return need
+

@@ -1,0 +1,175 @@
+"""Runs the serving engine on a workload: `run(config, workdir)`.
+
+See configs/serve.py for the fields. Writes to `workdir`: `config.json`
+(resolved config), `metrics.jsonl` (one line per engine step),
+`requests.jsonl` (one line per request) and `summary.json` (throughput,
+TTFT and latency percentiles, pager hit rate and bytes, KV peak,
+preemptions).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from wisp_jax.models import config as config_lib
+from wisp_jax.models import default
+from wisp_jax.models.transformer import MoEModel
+from wisp_jax.serving import batch_step
+from wisp_jax.serving import workload as workload_lib
+from wisp_jax.serving.budget import DeviceBudget
+from wisp_jax.serving.engine import Engine, Request
+from wisp_jax.serving.stats import summarize_requests
+
+MIB = 2**20
+
+
+def load_model(config: ml_collections.ConfigDict) -> tuple[MoEModel, str]:
+  """The model named by `config.model`; returns it and where it came from.
+
+  `shipped`: the trained default checkpoint (`wisp_jax.models.default`);
+  `auto`: that checkpoint if present, else the `default` preset with random
+  weights; any other name: that preset (with `config.model_overrides`)
+  with random weights from `config.seed`.
+  """
+  dtype = jnp.dtype(config.dtype)
+  name = config.model
+  if name in ("auto", "shipped"):
+    try:
+      return default.load_default(dtype=dtype), "shipped checkpoint"
+    except FileNotFoundError as e:
+      if name == "shipped":
+        raise
+      logging.warning("no shipped model (%s); using the 'default' preset "
+                      "with random weights.", e)
+      name = "default"
+  model_config = config_lib.get_config(name)
+  overrides = dict(config.model_overrides)
+  if overrides:
+    model_config = model_config.replace(**overrides)
+  model = MoEModel(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype)
+  return model, f"preset {name!r}, random weights (seed {config.seed})"
+
+
+def make_requests(config: ml_collections.ConfigDict,
+                  vocab_size: int) -> list[Request]:
+  """The workload: a JSON-lines file, or stdlib-text requests."""
+  w = config.workload
+  if w.file:
+    return workload_lib.load_jsonl(w.file, vocab_size)
+  return workload_lib.synthetic_workload(
+      w.num_requests, (w.prompt_len_min, w.prompt_len_max),
+      (w.max_new_tokens_min, w.max_new_tokens_max), w.arrival, w.rate,
+      vocab_size, w.temperature, w.seed)
+
+
+def _engine(model: MoEModel, config: ml_collections.ConfigDict,
+            workdir: str | None) -> Engine:
+  e, b = config.engine, config.budget
+  budget = None
+  if b.total_mib > 0:
+    budget = DeviceBudget(int(b.total_mib * MIB),
+                          int(b.workspace_mib * MIB)).for_model(
+                              model, e.block_size)
+  kv_blocks = e.kv_blocks
+  if kv_blocks <= 0:
+    if budget is None:
+      raise ValueError("engine.kv_blocks <= 0 means 'what the budget "
+                       "leaves', but budget.total_mib is 0 (no budget).")
+    kv_blocks = budget.max_kv_blocks(
+        e.slots_per_layer if e.experts == "paged" else
+        model.config.num_experts)
+  return Engine(model, budget, e.slots_per_layer, kv_blocks, e.block_size,
+                e.max_batch, experts=e.experts, policy=e.policy,
+                min_prefill_bucket=e.min_prefill_bucket, workdir=workdir)
+
+
+def _warmup(model: MoEModel, config: ml_collections.ConfigDict,
+            requests: list[Request]) -> float:
+  """Compiles the steps the workload will use on a throwaway engine (same
+  shapes, so the compiled steps are shared); returns the seconds taken."""
+  started = time.perf_counter()
+  engine = _engine(model, config, None)
+  max_len = model.config.max_seq_len
+  lengths = {batch_step.bucket_for(min(len(r.prompt), max_len - 1),
+                                   engine.prefill_buckets) for r in requests}
+  # One request per prefill bucket; then a batch that drains one row per
+  # step, which visits every decode bucket.
+  warm = [Request([0] * min(b, max_len - 1), 1) for b in sorted(lengths)]
+  warm += [Request([0], i + 2) for i in range(engine.max_batch)]
+  engine.run(warm)
+  return time.perf_counter() - started
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+  path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def run(config: ml_collections.ConfigDict,
+        workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Serves the configured workload; returns the contents of summary.json."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_json(workdir / "config.json", config.to_dict())
+  model, origin = load_model(config)
+  c = model.config
+  logging.info("model %s (%s): L=%d E=%d K=%d D=%d, max_seq_len=%d", c.name,
+               origin, c.num_layers, c.num_experts, c.top_k, c.d_model,
+               c.max_seq_len)
+  requests = make_requests(config, c.vocab_size)
+  warmup_s = _warmup(model, config, requests) if config.warmup else 0.0
+  metrics_file = workdir / "metrics.jsonl"
+  metrics_file.unlink(missing_ok=True)
+  engine = _engine(model, config, str(workdir))
+  logging.info("engine: %s slots/layer, %d KV blocks of %d, max batch %d, "
+               "budget %s; %d requests; warm-up %.1f s",
+               list(engine.split.slots_per_layer), engine.allocator.num_blocks,
+               engine.block_size, engine.max_batch, engine.budget_usage,
+               len(requests), warmup_s)
+
+  def progress(record):
+    if record["step"] % config.log_every == 0:
+      done = sum(r.finish_reason is not None for r in engine.results.values())
+      pager = engine.expert_stats()
+      logging.info(
+          "step %d: batch %d, queue %d, done %d/%d, KV %d/%d (peak %d), "
+          "preemptions %d, hit rate %.3f", record["step"],
+          record["batch_size"], record["queue_length"], done, len(requests),
+          record["kv_blocks_in_use"], engine.allocator.num_blocks,
+          record["kv_blocks_peak"], record["preemptions_total"],
+          pager["hit_rate"])
+
+  started = time.perf_counter()
+  results = engine.run(requests, on_step=progress)
+  wall_s = time.perf_counter() - started
+  engine.close()
+
+  with open(workdir / "requests.jsonl", "w") as f:
+    for result in results:
+      f.write(json.dumps(result.to_json()) + "\n")
+  summary = {"model": c.name, "model_origin": origin,
+             **summarize_requests(results, wall_s),
+             "engine": engine.summary(), "warmup_s": warmup_s}
+  _write_json(workdir / "summary.json", summary)
+  pager = summary["engine"]["pager"]
+  logging.info(
+      "served %d/%d requests (%d failed) in %.2f s: %.1f tokens/s, TTFT p50 "
+      "%s s, latency p90 %s s, hit rate %.3f, %d expert bytes moved, KV peak "
+      "%d/%d blocks, %d preemptions", summary["completed"], len(requests),
+      summary["failed"], wall_s, summary["throughput_tokens_per_s"] or 0.0,
+      _fmt(summary["ttft_s"]["p50"]), _fmt(summary["latency_s"]["p90"]),
+      pager["hit_rate"], pager["bytes_moved"],
+      summary["engine"]["kv_blocks_peak"], engine.allocator.num_blocks,
+      summary["engine"]["preemptions"])
+  return summary
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.4f}"
