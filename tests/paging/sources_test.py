@@ -107,14 +107,15 @@ def test_paged_bytes_far_below_static_offload(setup):
   assert paged.stats.bytes_moved < 0.5 * static.stats.bytes_moved
 
 
-def test_decode_step_does_not_retrace(setup, monkeypatch):
+@pytest.mark.parametrize("experts", ["resident", "paged"])
+def test_decode_step_does_not_retrace(setup, monkeypatch, experts):
   model, bank, _ = setup
   chex.clear_trace_counter()
   counted = jax.jit(chex.assert_max_traces(generate_lib.step_impl, n=1),
                     static_argnums=(0, 2, 8), donate_argnums=(4, 6))
   monkeypatch.setattr(generate_lib, "decode_step", counted)
-  out = generate(model, PROMPTS, 51, experts="paged", slots_per_layer=3,
-                 bank=bank)
+  out = generate(model, PROMPTS, 51, experts=experts,
+                 slots_per_layer=3 if experts == "paged" else None, bank=bank)
   assert out.tokens.shape == (len(PROMPTS), 51)
 
 

@@ -153,6 +153,16 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
   return meta
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether `path` holds a wisp_jax checkpoint (not, e.g., a HF model)."""
+  config_file = pathlib.Path(path) / CONFIG_FILE
+  try:
+    meta = json.loads(config_file.read_text())
+  except (OSError, json.JSONDecodeError):
+    return False
+  return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def load_config(path: str | os.PathLike) -> MoEConfig:
   """The `MoEConfig` stored in the checkpoint at `path`."""
   path = pathlib.Path(path).absolute()
