@@ -15,7 +15,7 @@ from wisp_jax.serving.generate import generate
 # Every engine here has the same shapes, so they share compiled steps.
 ENGINE = dict(slots_per_layer=2, kv_blocks=10, block_size=4, max_batch=4,
               min_prefill_bucket=32)
-# Reference runs share one total length and three prompt lengths, so
+# Reference runs share one total length and two prompt lengths, so
 # `generate` compiles few steps.
 TOTAL = 24
 
@@ -35,7 +35,7 @@ def _reference(model, request):
 def test_paged_batched_preempted_output_equals_generate(tiny_model):
   # Each request needs up to 6 blocks of 4; 10 blocks hold fewer than two,
   # so running requests are preempted and re-prefilled.
-  requests = _requests([5, 9, 13, 5, 13, 9])
+  requests = _requests([5, 13, 5, 13, 13, 5])
   requests[3].arrival_step = 4
   # A sampled request: the same seed gives generate's samples.
   requests[4].temperature, requests[4].seed = 0.8, 7
@@ -90,6 +90,8 @@ def test_long_workload_finishes_with_bounded_compilation(
   assert len(lines) > 3 * len(buckets)
   assert len(used) >= 2 and used <= set(buckets)
   assert sorted(shape[0] for shape in traces) == sorted(used)
+  # And one compiled executable per bucket (no recompiles either).
+  assert batch_step.decode_step._cache_size() == len(used)
   assert {l["step"] for l in lines} <= set(range(engine.step_count))
   assert max(l["kv_blocks_peak"] for l in lines) <= 10
   assert sum(l["preemptions"] for l in lines) == engine.num_preemptions
@@ -99,7 +101,7 @@ def test_long_workload_finishes_with_bounded_compilation(
 
 
 def test_bad_requests_fail_alone(tiny_model):
-  good = _requests([5, 9], seed=5)
+  good = _requests([5, 13], seed=5)
   reference = _reference(tiny_model, good[0])
   stop_at = reference[2]
   stopping = Request(good[0].prompt, good[0].max_new_tokens,
@@ -109,6 +111,7 @@ def test_bad_requests_fail_alone(tiny_model):
       good[0],
       Request([1, 2, 61], 4, request_id="vocab"),
       Request([], 4, request_id="empty"),
+      Request("text", 4, request_id="text"),
       good[1],
       stopping,
   ]
@@ -120,6 +123,7 @@ def test_bad_requests_fail_alone(tiny_model):
   assert "max_seq_len=256" in long.error
   assert "[0, 61)" in results["vocab"].error
   assert "empty" in results["empty"].error
+  assert "sequence of integer token ids" in results["text"].error
   assert results[0].tokens == reference
   assert results[1].tokens == _reference(tiny_model, good[1])
   # A prefix of the reference up to and including the first stop token.
@@ -133,3 +137,18 @@ def test_bad_requests_fail_alone(tiny_model):
       in out.error
   with pytest.raises(ValueError, match="duplicate request_id"):
     engine.submit(Request([1], 1, request_id=0))
+
+
+def test_lone_request_pages_like_generate(tiny_model):
+  """Prefill padding and batch padding add no expert demand: a lone request
+  sees the pager traffic of `generate` with the same paged source."""
+  request = _requests([13], seed=6)[0]  # prefilled in a bucket of 32
+  engine = Engine(tiny_model, None, **ENGINE)
+  result = engine.run([request])[0]
+  out = generate(tiny_model, [np.asarray(request.prompt)],
+                 request.max_new_tokens, experts="paged", slots_per_layer=2)
+  assert result.tokens == out.tokens[0].tolist()
+  pager = engine.expert_stats()
+  assert pager["hits_per_layer"] == out.stats.hits.tolist()
+  assert pager["misses_per_layer"] == out.stats.misses.tolist()
+  assert pager["loads"] == int(out.stats.loads.sum())

@@ -121,7 +121,7 @@ def _load_hot_set(bank, slots, state):
     occupant = state.expert_in_slot[layer]
     count = jnp.sum(occupant >= 0, dtype=jnp.int32)
     # Occupied slots first, so the first `count` copies are the real ones.
-    dest = jnp.argsort(occupant < 0, stable=True).astype(jnp.int32)
+    dest = pager.compact(occupant >= 0, occupant.shape[0], 0)
     slots = copy_experts(bank, slots, layer, occupant[dest], dest, count)
     state = state.replace(loads=state.loads.at[layer].add(count))
   return slots, state

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from wisp_jax.paging.policies import Policy, rank_to_keep
+from wisp_jax.paging.policies import Policy, keep_rank as keep_rank_of, rank_before
 
 
 @struct.dataclass
@@ -158,6 +158,14 @@ def set_layer_state(state: PagerState, layer, ls: LayerState) -> PagerState:
       loads=put(state.loads, ls.loads))
 
 
+def compact(mask: jax.Array, size: int, fill: int) -> jax.Array:
+  """Indices where `mask` `[n]` is True, in order, padded to `size` with
+  `fill` (sort-free)."""
+  position = jnp.where(mask, jnp.cumsum(mask) - 1, size)
+  return jnp.full((size,), fill, jnp.int32).at[position].set(
+      jnp.arange(mask.shape[0], dtype=jnp.int32), mode="drop")
+
+
 def needed_mask(ids: jax.Array, num_experts: int) -> jax.Array:
   """`[E]` bool union of the routed ids `[N, K]` (the step's needed set)."""
   return jnp.zeros((num_experts,), bool).at[ids.reshape(-1)].set(True)
@@ -195,10 +203,11 @@ def plan_chunk(slot_of_expert, expert_in_slot, capacity, keep_rank,
   priority = jnp.where(occupied, keep_rank[jnp.maximum(occupant, 0)],
                        num_experts)
   priority = jnp.where(protected | (slot_ids >= capacity), -1, priority)
-  victim_slots = jnp.argsort(-priority, stable=True).astype(jnp.int32)
+  # victim_slots[i]: the i-th slot to evict (ties: lower slot first).
+  victim_slots = jnp.zeros((num_slots,), jnp.int32).at[
+      rank_before((priority,))].set(slot_ids)
   # Missing experts in id order, padded with E (dropped by scatters).
-  load_expert = jnp.sort(jnp.where(miss, jnp.arange(num_experts), num_experts)
-                         )[:num_slots].astype(jnp.int32)
+  load_expert = compact(miss, num_slots, num_experts)
   valid = slot_ids < num_loads
   load_slot = jnp.where(valid, victim_slots, num_slots)
   evicted = jnp.where(valid, occupant[jnp.minimum(load_slot, num_slots - 1)],
@@ -238,21 +247,16 @@ def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
   num_needed = jnp.sum(needed, dtype=jnp.int32)
   policy_state = policy.update(ls.policy_state, needed, needed & ~resident,
                                tick)
-  order = rank_to_keep(policy.keys(policy_state, tick, hint), num_experts)
-  keep_rank = jnp.zeros((num_experts,), jnp.int32).at[order].set(
-      jnp.arange(num_experts, dtype=jnp.int32))
+  keep_rank = keep_rank_of(policy.keys(policy_state, tick, hint), num_experts)
   # The c needed experts most worth keeping form the final group, served
   # last; the others go first in groups that fit, resident ones first so
   # they are used before anything can evict them.
   cap = ls.capacity
-  needed_rank = jnp.cumsum(needed[order]) - 1
-  rank_in_needed = jnp.zeros((num_experts,), jnp.int32).at[order].set(
-      needed_rank.astype(jnp.int32))
+  # Needed experts first, most worth keeping first.
+  rank_in_needed = rank_before((needed, -keep_rank))
   final = needed & (rank_in_needed < cap)
   early = needed & ~final
-  early_order = jnp.lexsort((keep_rank, ~resident)).astype(jnp.int32)
-  early_rank = jnp.zeros((num_experts,), jnp.int32).at[early_order].set(
-      (jnp.cumsum(early[early_order]) - 1).astype(jnp.int32))
+  early_rank = rank_before((early, resident, -keep_rank))
   # Early groups keep the final group's resident experts in place while
   # that leaves them room, so overflow costs as few reloads as possible.
   final_resident = final & resident
@@ -265,20 +269,25 @@ def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
   group = jnp.where(final, num_early_groups,
                     jnp.where(early, early_rank // room, -1))
 
-  def body(carry):
-    g, slot_of_expert, expert_in_slot, loads, data = carry
-    plan, expert_in_slot = plan_chunk(
-        slot_of_expert, expert_in_slot, cap, keep_rank, group == g,
-        jnp.where(g < num_early_groups, protect, False))
+  def serve(g, slot_of_expert, expert_in_slot, loads, data, protect):
+    plan, expert_in_slot = plan_chunk(slot_of_expert, expert_in_slot, cap,
+                                      keep_rank, group == g, protect)
     if on_chunk is not None:
       data = on_chunk(data, plan)
-    return (g + 1, plan.slot_of_expert, expert_in_slot,
-            loads + plan.num_loads, data)
+    return plan.slot_of_expert, expert_in_slot, loads + plan.num_loads, data
 
+  def early_group(carry):
+    g, *rest = carry
+    return (g + 1, *serve(g, *rest, protect))
+
+  # Overflow groups in a loop (usually zero trips); the final group outside
+  # it, so the common step computes its experts in straight-line code.
   init = (jnp.zeros((), jnp.int32), ls.slot_of_expert, ls.expert_in_slot,
           jnp.zeros((), jnp.int32), data)
-  _, slot_of_expert, expert_in_slot, loads, data = jax.lax.while_loop(
-      lambda carry: carry[0] <= num_early_groups, body, init)
+  _, *carry = jax.lax.while_loop(
+      lambda carry: carry[0] < num_early_groups, early_group, init)
+  slot_of_expert, expert_in_slot, loads, data = serve(
+      num_early_groups, *carry, None)
   new = ls.replace(slot_of_expert=slot_of_expert,
                    expert_in_slot=expert_in_slot, policy_state=policy_state,
                    hits=ls.hits + hits, misses=ls.misses + num_needed - hits,

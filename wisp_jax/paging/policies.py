@@ -155,12 +155,32 @@ def get_policy(name: str, **kwargs) -> Policy:
     raise ValueError(f"policy {name!r} does not take options {kwargs}.") from None
 
 
-def rank_to_keep(keys: tuple, num_experts: int) -> jax.Array:
-  """Orders experts from most to least worth keeping; ties: lower id first.
+def rank_before(keys: tuple) -> jax.Array:
+  """Rank of each item when sorted by `keys` descending, ties by index.
+
+  A sort-free O(n^2) comparison (n = E or S, small): XLA:CPU runs one fused
+  kernel instead of a sort per layer per step.
+
+  Args:
+    keys: tuple of `[n]` arrays compared lexicographically, first key
+      first; larger comes first; equal keys put the lower index first.
 
   Returns:
-    `[E]` int32 expert ids, most worth keeping first.
+    `[n]` int32, 0 for the first item.
   """
-  ids = jnp.arange(num_experts, dtype=jnp.int32)
-  # lexsort sorts ascending by the LAST key first; negate to sort descending.
-  return jnp.lexsort((ids,) + tuple(-k for k in reversed(keys))).astype(jnp.int32)
+  n = keys[0].shape[0] if keys else None
+  index = jnp.arange(n, dtype=jnp.int32)
+  # before[j, i]: item j comes before item i.
+  before = index[:, None] < index[None, :]
+  for key in reversed(keys):
+    before = (key[:, None] > key[None, :]) | (
+        (key[:, None] == key[None, :]) & before)
+  return jnp.sum(before, axis=0, dtype=jnp.int32)
+
+
+def keep_rank(keys: tuple, num_experts: int) -> jax.Array:
+  """`[E]` int32 rank of each expert, 0 = most worth keeping; ties keep the
+  lower id."""
+  if not keys:
+    return jnp.arange(num_experts, dtype=jnp.int32)
+  return rank_before(keys)

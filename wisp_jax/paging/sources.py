@@ -96,8 +96,7 @@ def _gather_transient(bank, layer, wanted, max_rows: int):
   num_experts = wanted.shape[0]
   rows = min(num_experts, max_rows)
   count = jnp.sum(wanted, dtype=jnp.int32)
-  experts = jnp.sort(jnp.where(wanted, jnp.arange(num_experts), num_experts)
-                     )[:rows].astype(jnp.int32)
+  experts = pager.compact(wanted, rows, num_experts)
   scratch = jax.tree.map(
       lambda w: jnp.zeros((rows,) + w.shape[2:], w.dtype), bank)
   scratch = copy_experts(bank, scratch, layer, experts,

@@ -42,7 +42,7 @@ class StepInput:
   """The traced inputs of one step.
 
   Attributes:
-    tokens: `[B, T]` int32 new tokens (padding 0).
+    tokens: `[B, T]` int32 new tokens (padded with each row's last).
     block_table: `[B, MB]` int32 pool blocks of each row.
     length: `[B]` int32 positions of each row already in the pool.
     num_new: `[B]` int32 real tokens among the `T` of each row.
@@ -77,8 +77,10 @@ def make_input(rows: Sequence[Row], batch: int, t: int,
   """Packs `rows` into a `[batch, t]` step; padding rows copy row 0.
 
   A padding row reads exactly what row 0 reads and never writes, so it
-  computes row 0's tokens again: no NaN, and no experts row 0 does not need
-  (the pager's demand is that of the real rows).
+  computes row 0's tokens again: no NaN, and no experts row 0 does not need.
+  Likewise each row's padding tokens repeat its last real token (at its
+  position, see `PagedKV.positions`). So the pager sees the demand of the
+  real tokens alone.
   """
   if not 0 < len(rows) <= batch:
     raise ValueError(f"a step of batch {batch} got {len(rows)} rows.")
@@ -90,6 +92,7 @@ def make_input(rows: Sequence[Row], batch: int, t: int,
       raise ValueError(f"row {i} has {len(row.tokens)} tokens; the step "
                        f"takes {t}.")
     tokens[i, :len(row.tokens)] = row.tokens
+    tokens[i, len(row.tokens):] = row.tokens[-1]
     table[i, :len(row.blocks)] = row.blocks
   write = np.arange(batch) < len(rows)
   return StepInput(

@@ -8,9 +8,12 @@ each one alone (padded to a length bucket) so it samples its next token, then
 bucket. A request that needs a new block when the pool is empty preempts
 the most recently admitted request: its blocks are freed and it goes back
 to the head of the queue, keeping its tokens; when readmitted it re-prefills
-prompt + tokens so far and continues exactly where it stopped. Finished
-requests free their blocks at once. One expert source (pager state and
-slots) serves every step of the engine.
+prompt + tokens so far and continues where it stopped, with the sampling key
+of each token fixed by the request alone (see `batch_step`), so batching and
+preemption leave its tokens those of `generate` on the request by itself
+(the recomputed keys and values can differ from the incremental ones only by
+float rounding). Finished requests free their blocks at once. One expert
+source (pager state and slots) serves every step of the engine.
 
 Results per request: tokens, TTFT, decode tokens/s, latency, error. A
 request that cannot be served (too long, bad token ids) fails alone: the
@@ -31,10 +34,12 @@ from flax import nnx
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.paging import api as paging_api
 from wisp_jax.paging import bank as bank_lib
+from wisp_jax.paging.sources import SOURCES
 from wisp_jax.serving import batch_step
 from wisp_jax.serving import kv_pool
 from wisp_jax.serving.budget import DeviceBudget, Split
-from wisp_jax.serving.request import Request, validate_request
+from wisp_jax.serving.request import (Request, prompt_array,
+                                      validate_request)
 from wisp_jax.serving.stats import MetricsWriter, RequestResult
 
 
@@ -97,6 +102,9 @@ class Engine:
     self.model, self.config = model, config
     self.block_size, self.max_batch = int(block_size), int(max_batch)
     self.experts = experts
+    if experts not in SOURCES:
+      raise ValueError(f"unknown expert source {experts!r}; known sources: "
+                       f"{', '.join(SOURCES)}.")
     if experts == "paged":
       slots = paging_api.validate_slots(config, slots_per_layer)
     elif experts == "resident":
@@ -120,6 +128,15 @@ class Engine:
     self._graphdef, self._state = nnx.split(model.decoder)
     self._pool = kv_pool.KVPool.create(config, kv_blocks, block_size,
                                        model.dtype)
+    # Every step input is committed to one device: jit compiles separately
+    # for committed and uncommitted arguments, and step outputs are
+    # committed, so mixing them would compile each bucket twice. (The host
+    # bank is already committed to its pinned_host memory.)
+    self._device = jax.devices()[0]
+    self._state, self._pool, self._carry = jax.device_put(
+        (self._state, self._pool, self._carry), self._device)
+    if experts == "resident":
+      self._arrays = jax.device_put(self._arrays, self._device)
     self.allocator = kv_pool.BlockAllocator(kv_blocks)
     self.max_blocks = kv_pool.max_blocks_per_request(config, block_size)
     self.batch_buckets = batch_step.powers_of_two_upto(max_batch)
@@ -149,14 +166,15 @@ class Engine:
     self._next_id += 1
     if request.request_id in self.results:
       raise ValueError(f"duplicate request_id {request.request_id!r}.")
-    prompt = np.asarray(request.prompt, np.int64).reshape(-1)
+    prompt, error = prompt_array(request.prompt)
     result = RequestResult(request_id=request.request_id,
                            prompt_length=int(prompt.size),
                            arrival_time=self.clock(),
                            arrival_step=self.step_count)
     self.results[request.request_id] = result
-    error = validate_request(request, prompt, self.config, self.block_size,
-                             self.allocator.num_blocks)
+    error = error or validate_request(request, prompt, self.config,
+                                      self.block_size,
+                                      self.allocator.num_blocks)
     if error is not None:
       self._finish_error(result, error)
       return result
@@ -183,8 +201,8 @@ class Engine:
 
   def _call(self, step_fn, rows: Sequence[batch_step.Row], batch: int,
             t: int) -> np.ndarray:
-    inputs = jax.device_put(batch_step.make_input(rows, batch, t,
-                                                  self.max_blocks))
+    inputs = jax.device_put(
+        batch_step.make_input(rows, batch, t, self.max_blocks), self._device)
     token, self._pool, self._carry, counters = step_fn(
         self._graphdef, self._state, self.spec, self._arrays, self._carry,
         self._pool, inputs)

@@ -165,7 +165,8 @@ class PagedKV:
     length: `[B]` int32 positions of each row already in the pool (the
       position of its first new token).
     num_new: `[B]` int32 real new tokens of this pass (the rest of the `T`
-      tokens is padding: never written, never seen by real queries).
+      tokens is padding: never written, never seen by real queries; see
+      `positions`).
     write: `[B]` bool, whether the row's new keys and values are stored.
   """
   pool: KVPool
@@ -175,8 +176,15 @@ class PagedKV:
   write: jax.Array
 
   def positions(self, t: int) -> jax.Array:
-    """RoPE positions `[B, T]` of the next `t` tokens of each row."""
-    return self.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    """Positions `[B, T]` of the next `t` tokens of each row.
+
+    Padding tokens (index >= `num_new`) take the position of the row's last
+    real token: given that token's id too, they compute exactly what it
+    computes, so they route to no expert the real tokens do not need.
+    """
+    last = jnp.maximum(self.num_new - 1, 0)[:, None]
+    return self.length[:, None] + jnp.minimum(
+        jnp.arange(t, dtype=jnp.int32)[None, :], last)
 
   def update(self, layer: int, k: jax.Array, v: jax.Array):
     """Stores the new `k`, `v` `[B, T, Hkv, Dh]`, returns what to attend to.
@@ -224,16 +232,4 @@ class PagedKV:
     del t  # Rows advance by their own `num_new`, not by the padded T.
     return self.replace(length=self.length + self.num_new,
                         num_new=jnp.zeros_like(self.num_new))
-
-
-def check_table_width(config: MoEConfig, block_size: int,
-                      num_blocks: int) -> int:
-  """Returns MB; raises if the pool cannot hold one max-length request."""
-  need = max_blocks_per_request(config, block_size)
-  if num_blocks < need:
-    raise ValueError(
-        f"kv_blocks={num_blocks} of {block_size} positions cannot hold one "
-        f"request of max_seq_len={config.max_seq_len} "
-        f"(needs {need} = ceil({config.max_seq_len} / {block_size})).")
-  return need
 

@@ -34,6 +34,18 @@ class Request:
   arrival_step: int = 0
 
 
+def prompt_array(prompt) -> tuple[np.ndarray, str | None]:
+  """The prompt as a 1-D int64 array, or an empty one and why not."""
+  try:
+    array = np.asarray(prompt)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+      raise TypeError(f"dtype {array.dtype}")
+    return array.astype(np.int64).reshape(-1), None
+  except (TypeError, ValueError) as e:
+    return np.zeros((0,), np.int64), (
+        f"the prompt must be a sequence of integer token ids ({e}).")
+
+
 def validate_request(request: Request, prompt: np.ndarray, config: MoEConfig,
                      block_size: int, num_blocks: int) -> str | None:
   """Why `request` cannot be served by an engine, or None if it can.

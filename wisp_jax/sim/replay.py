@@ -146,7 +146,8 @@ def next_use_table(masks: np.ndarray, start: int = 0,
                    next_after: np.ndarray | None = None) -> np.ndarray:
   """Belady's hint: the next step after t at which each expert is needed.
 
-  Vectorised backwards pass (a reversed running minimum over time).
+  One backwards pass over the steps, vectorised over layers and experts
+  (faster in numpy than `np.minimum.accumulate` along the time axis).
 
   Args:
     masks: `[S, L, E]` bool needed sets of steps start .. start + S - 1.
@@ -158,15 +159,14 @@ def next_use_table(masks: np.ndarray, start: int = 0,
     `[S, L, E]` int32; `[t, l, e]` = first step u > start + t that needs e
     in layer l, or `NEVER_AGAIN`.
   """
-  num_steps = masks.shape[0]
-  if next_after is None:
-    next_after = np.full(masks.shape[1:], NEVER_AGAIN, np.int32)
-  use = np.where(masks, (start + np.arange(num_steps, dtype=np.int32)
-                         )[:, None, None], NEVER_AGAIN).astype(np.int32)
-  # first use at or after t, then shift by one step for "strictly after".
-  at_or_after = np.minimum.accumulate(
-      np.concatenate([use, next_after[None]])[::-1], axis=0)[::-1]
-  return np.ascontiguousarray(at_or_after[1:])
+  masks = np.asarray(masks, bool)
+  out = np.empty(masks.shape, np.int32)
+  upcoming = (np.full(masks.shape[1:], NEVER_AGAIN, np.int32)
+              if next_after is None else np.array(next_after, np.int32))
+  for t in range(masks.shape[0] - 1, -1, -1):
+    out[t] = upcoming
+    np.copyto(upcoming, np.int32(start + t), where=masks[t])
+  return out
 
 
 def most_routed(trace: RoutingTrace, capacity: np.ndarray) -> np.ndarray:

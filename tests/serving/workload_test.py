@@ -1,0 +1,84 @@
+"""Tests of wisp_jax/serving/workload.py and wisp_jax/serving/serve.py."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from wisp_jax.serving import serve
+from wisp_jax.serving import workload
+
+
+def test_stdlib_prompts_are_real_text_of_the_asked_lengths():
+  prompts = workload.stdlib_prompts(5, 20, 40, 256, seed=1)
+  assert len(prompts) == 5
+  assert all(20 <= p.size <= 40 for p in prompts)
+  again = workload.stdlib_prompts(5, 20, 40, 256, seed=1)
+  assert all(np.array_equal(a, b) for a, b in zip(prompts, again))
+  text = bytes(np.concatenate(prompts).astype(np.uint8).tolist())
+  assert np.mean([32 <= b < 127 or b in (9, 10) for b in text]) > 0.95
+  small = workload.stdlib_prompts(3, 5, 5, 61, seed=1)
+  assert all(p.max() < 61 for p in small)
+
+
+def test_arrivals():
+  np.testing.assert_array_equal(workload.arrival_steps(3, "all", 0.0), 0)
+  steps = workload.arrival_steps(400, "poisson", 0.5, seed=0)
+  assert steps[0] == 0 and np.all(np.diff(steps) >= 0)
+  # About 2 steps between arrivals at 0.5 per step.
+  assert 1.7 < steps[-1] / 399 < 2.3
+  with pytest.raises(ValueError, match="unknown arrival pattern 'burst'"):
+    workload.arrival_steps(3, "burst", 1.0)
+  with pytest.raises(ValueError, match="rate > 0"):
+    workload.arrival_steps(3, "poisson", 0.0)
+
+
+def test_jsonl_workload(tmp_path):
+  path = tmp_path / "w.jsonl"
+  path.write_text('{"prompt": "ab", "max_new_tokens": 3}\n\n'
+                  '{"tokens": [1, 2], "max_new_tokens": 2, "arrival_step": 4,'
+                  ' "request_id": "x", "temperature": 0.5}\n')
+  first, second = workload.load_jsonl(path, 256)
+  assert list(first.prompt) == [97, 98] and first.request_id == 0
+  assert (second.request_id, second.arrival_step, second.temperature) == (
+      "x", 4, 0.5)
+  path.write_text('{"prompt": "a"}\n')
+  with pytest.raises(ValueError, match="line 1: 'max_new_tokens' is missing"):
+    workload.load_jsonl(path, 256)
+  path.write_text('{"prompt": "a", "max_new_tokens": 1, "top_p": 1}\n')
+  with pytest.raises(ValueError, match=r"unknown fields \['top_p'\]"):
+    workload.load_jsonl(path, 256)
+
+
+def test_serve_tiny_writes_its_outputs(tiny_model, tmp_path, monkeypatch):
+  monkeypatch.setattr(serve, "load_model",
+                      lambda config: (tiny_model, "test fixture"))
+  path = pathlib.Path(__file__).parents[2] / "configs" / "serve.py"
+  spec = importlib.util.spec_from_file_location("serve_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  summary = serve.run(config, tmp_path)
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk == json.loads(json.dumps(summary))
+  n = config.workload.num_requests
+  assert summary["completed"] == n and summary["failed"] == 0
+  requests = [json.loads(l) for l in
+              (tmp_path / "requests.jsonl").read_text().splitlines()]
+  assert len(requests) == n
+  assert summary["generated_tokens"] == sum(r["num_tokens"] for r in requests)
+  assert all(r["ttft_s"] is not None for r in requests)
+  steps = [json.loads(l) for l in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps and all(s["step"] < summary["engine"]["steps"] for s in steps)
+  assert sum(s["preemptions"] for s in steps) == summary["engine"][
+      "preemptions"]
+  assert summary["engine"]["kv_blocks_peak"] == max(
+      s["kv_blocks_peak"] for s in steps)
+  assert summary["engine"]["pager"]["loads"] == sum(s["pager_loads"]
+                                                    for s in steps)
+  for key in ("p50", "p90", "p99"):
+    assert summary["ttft_s"][key] <= summary["latency_s"][key]
+  assert json.loads((tmp_path / "config.json").read_text())["model"] == "tiny"
