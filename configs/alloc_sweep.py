@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.workspace_gib = 1.0
   config.budgets_gib = (6.0, 8.0, 12.0)
   config.focus_workload = "mixed-mid-C16"  # per-layer slots plot
+  config.marginal_workload = "short-C32-low"  # marginal values plot
   w = workload_config
   config.workloads = ml_collections.ConfigDict({
       "short-C4-high": w(4, SHORT, OUTPUT, HIGH),
@@ -64,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       workload.trace.num_requests = 8
       workload.trace.tokens_per_request = 32
     config.focus_workload = "mixed"
+    config.marginal_workload = "long-low"
   elif arg:
     raise ValueError(f"unknown config arg {arg!r}; use '', 'qwen3' or "
                      "'tiny'.")

@@ -189,26 +189,30 @@ def _plot_slots(workload, results, path):
 
 
 def _plot_marginals(workload, results, path):
-  chosen = results["mv-wsa"].split
+  """Both pools' marginal values along the KV axis, slots as MV-WSA chose."""
+  chosen = results["mv-wsa"]
+  slots = chosen.split.slots_per_layer
   longest = -(-workload.max_len // workload.block_size)
-  top = max(chosen.kv_blocks, workload.concurrency * longest) + 20
-  grid = np.arange(workload.floor_blocks, top, max(1, top // 300))
-  kv_values = marginal.kv_value_curve(workload, chosen.slots_per_layer,
-                                      grid)
-  units = marginal.slot_units(workload, chosen.slots_per_layer,
-                              chosen.kv_blocks)
+  top = max(chosen.split.kv_blocks, workload.demand_blocks()) + longest
+  grid = np.arange(workload.floor_blocks, top, max(1, top // 200))
+  # Seconds per token per byte -> tokens/s gained per GiB at this rate.
+  scale = chosen.tokens_per_s**2 * 2**30
+  kv_values = marginal.kv_value_curve(workload, slots, grid) * scale
+  slot_values = np.array([
+      marginal.slot_units(workload, slots, int(k)).value_per_byte.max()
+      for k in grid]) * scale
   fig, ax = plt.subplots(figsize=(8, 4))
-  ax.step(grid, kv_values, where="post", label="KV unit (one request)")
-  ax.axhline(units.value_per_byte.max(), color="C1",
-             label="best slot unit at the MV-WSA split")
-  ax.axvline(chosen.kv_blocks, color="k", ls="--", lw=0.8,
+  ax.step(grid, kv_values, where="post",
+          label="KV: one more request's blocks")
+  ax.plot(grid, np.maximum(slot_values, 0), label="best slot unit")
+  ax.axvline(chosen.split.kv_blocks, color="k", ls="--", lw=0.8,
              label="MV-WSA KV blocks")
   ax.axvline(workload.demand_blocks(), color="r", ls=":", lw=0.8,
              label="KV demand of C requests")
-  ax.set_yscale("symlog", linthresh=1e-14)
-  ax.set_xlabel("KV blocks")
-  ax.set_ylabel("s per token saved per byte")
-  ax.set_title(f"{workload.name}: marginal values at the MV-WSA slots")
+  ax.set_xlabel("KV blocks (expert slots fixed at the MV-WSA split)")
+  ax.set_ylabel("tokens/s gained per GiB")
+  ax.set_title(f"{workload.name}: marginal values, {chosen.tokens_per_s:.1f}"
+               " tok/s")
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -268,5 +272,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   focus = config.focus_workload
   pick = cells.get((focus, mid)) or next(iter(cells.values()))
   _plot_slots(pick[0], pick[2], out / "slots_per_layer.png")
+  pick = cells.get((config.marginal_workload, mid)) or pick
   _plot_marginals(pick[0], pick[2], out / "marginal_values.png")
   return summary
