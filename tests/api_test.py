@@ -1,6 +1,5 @@
 """The public surface: from_pretrained dispatch and generate."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

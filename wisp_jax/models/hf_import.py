@@ -14,28 +14,23 @@ expected shape, with no tensor left over. Weights are then read one tensor
 at a time, straight into the stacked arrays of the model, so peak host
 memory is about the model plus its largest stacked parameter.
 
-The safetensors files are read with a small reader of their (simple)
-format rather than the `safetensors` package: that package is no runtime
-dependency of wisp_jax, and its numpy backend cannot read bfloat16, the
-dtype of nearly every released MoE checkpoint.
+The safetensors files are read by `safetensors_io`, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
-import struct
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from wisp_jax.models.config import MoEConfig
+from wisp_jax.models.safetensors_io import SafetensorsCheckpoint
 from wisp_jax.models.transformer import MoEModel
 
 
@@ -216,93 +211,6 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> MoEConfig:
       max_seq_len=max_seq_len)
 
 
-# ---------------------------------------------------------------- safetensors
-
-_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"),
-           "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _TensorInfo:
-  file: pathlib.Path
-  dtype: str
-  shape: tuple[int, ...]
-  offset: int  # absolute byte offset of the data in `file`
-  nbytes: int
-
-
-def _read_header(file: pathlib.Path) -> dict[str, _TensorInfo]:
-  """Tensor table of one safetensors file (u64 header size, JSON, data)."""
-  size = file.stat().st_size
-  with open(file, "rb") as fh:
-    prefix = fh.read(8)
-    header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
-    try:
-      if header_len > size - 8:
-        raise ValueError("header longer than the file")
-      header = json.loads(fh.read(header_len))
-    except ValueError as e:
-      raise ValueError(f"{file} is not a readable safetensors file ({e}); "
-                       "re-save it with save_pretrained.") from None
-  tensors = {}
-  for name, entry in header.items():
-    if name == "__metadata__":
-      continue
-    if entry["dtype"] not in _DTYPES:
-      raise ValueError(f"tensor {name!r} in {file} has dtype "
-                       f"{entry['dtype']}; load_hf reads "
-                       f"{', '.join(_DTYPES)} (no quantised checkpoints).")
-    shape = tuple(entry["shape"])
-    begin, end = entry["data_offsets"]
-    if (end - begin != math.prod(shape) * _DTYPES[entry["dtype"]].itemsize
-        or 8 + header_len + end > size):
-      raise ValueError(f"{file} is corrupt or truncated: tensor {name!r} of "
-                       f"shape {shape} spans bytes {begin}..{end}.")
-    tensors[name] = _TensorInfo(file, entry["dtype"], shape,
-                                8 + header_len + begin, end - begin)
-  return tensors
-
-
-class _Checkpoint:
-  """Lazily reads the tensors of a (possibly sharded) safetensors checkpoint."""
-
-  def __init__(self, directory: pathlib.Path):
-    index = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    if index.is_file():
-      weight_map = json.loads(index.read_text()).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} has no 'weight_map' of tensor -> shard.")
-      files = sorted({directory / f for f in weight_map.values()})
-      for file in files:
-        if not file.is_file():
-          raise FileNotFoundError(f"{index} lists shard {file.name}, which is "
-                                  f"missing from {directory}.")
-    elif single.is_file():
-      files = [single]
-    else:
-      raise FileNotFoundError(
-          f"{directory} holds no model.safetensors nor "
-          "model.safetensors.index.json; save the model with "
-          "save_pretrained(..., safe_serialization=True).")
-    self.tensors: dict[str, _TensorInfo] = {}
-    for file in files:
-      self.tensors.update(_read_header(file))
-    self._last: tuple[str, np.ndarray] | None = None
-
-  def read(self, name: str) -> np.ndarray:
-    """Tensor `name` as numpy, in its stored dtype."""
-    if self._last is not None and self._last[0] == name:
-      return self._last[1]  # a fused gate_up tensor feeds two parameters.
-    info = self.tensors[name]
-    with open(info.file, "rb") as fh:
-      fh.seek(info.offset)
-      data = fh.read(info.nbytes)
-    array = np.frombuffer(data, _DTYPES[info.dtype]).reshape(info.shape)
-    self._last = (name, array)
-    return array
-
-
 # ---------------------------------------------------------------- mapping
 
 
@@ -410,7 +318,7 @@ def _plan(model: MoEModel, arch: _Arch, names: set[str]) -> Plan:
   return plan
 
 
-def _check(plan: Plan, ckpt: _Checkpoint, c: MoEConfig, where: str) -> None:
+def _check(plan: Plan, ckpt: SafetensorsCheckpoint, c: MoEConfig, where: str) -> None:
   """Raises listing every missing, mis-shaped or unused tensor."""
   problems, used = [], set()
   for _, copies in plan:
@@ -472,7 +380,7 @@ def load_hf(path: str | pathlib.Path, dtype=jnp.float32) -> MoEModel:
   except ValueError as e:
     raise ValueError(f"{config_file}: {e}") from None
   arch = ARCHITECTURES[architecture_of(hf)]
-  ckpt = _Checkpoint(directory)
+  ckpt = SafetensorsCheckpoint(directory)
 
   # Shapes only: no random weights are drawn for a model about to be filled.
   model = nnx.eval_shape(lambda: MoEModel(config, dtype=dtype))
