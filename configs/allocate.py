@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "tiny":
     config.model = "tiny"
     config.block_size = 4
-    config.budget_gib = 100_000 / 2**30
+    config.budget_gib = 60_000 / 2**30  # bytes, in GiB
     config.workspace_gib = 0.0
     config.workload = workload_config(4, (4, 40), (4, 40))
     config.workload.trace.num_requests = 8

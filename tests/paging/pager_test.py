@@ -155,9 +155,9 @@ def test_init_state_errors():
     pager.init_state(lru, 2, 6, 3, capacity=[3, 4])
   with pytest.raises(ValueError, match="hot_set"):
     pager.init_state(get_policy("pinned"), 1, 6, 2)
-  with pytest.raises(ValueError, match="repeats"):
+  with pytest.raises(ValueError, match="distinct experts"):
     pager.init_state(get_policy("pinned"), 1, 6, 2, hot_set=[[1, 1]])
-  with pytest.raises(ValueError, match="more than capacity 1"):
+  with pytest.raises(ValueError, match="in its first 1 slots"):
     pager.init_state(get_policy("pinned"), 1, 6, 2, capacity=1,
                      hot_set=[[1, 2]])
   with pytest.raises(ValueError, match="Unknown paging policy 'lfru'"):

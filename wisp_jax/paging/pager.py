@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from wisp_jax.paging.policies import Policy, keep_rank as keep_rank_of, rank_before
@@ -98,7 +99,6 @@ def init_state(policy: Policy, num_layers: int, num_experts: int,
     hot_set: `[L, S]` expert ids resident from the start, -1 for an empty
       slot (required for `pinned`, whose slots never change).
   """
-  import numpy as np  # Host-side validation only.
   cap = np.broadcast_to(np.asarray(num_slots if capacity is None else capacity,
                                    np.int32), (num_layers,))
   if cap.min() < 1 or cap.max() > num_slots:
@@ -115,9 +115,10 @@ def init_state(policy: Policy, num_layers: int, num_experts: int,
       raise ValueError(f"hot_set ids must be in [0, {num_experts}) or -1.")
     for layer in range(num_layers):
       ids = hot[layer][hot[layer] >= 0]
-      if len(set(ids.tolist())) != ids.size or ids.size > cap[layer]:
-        raise ValueError(f"hot_set layer {layer} repeats an expert or holds "
-                         f"more than capacity {cap[layer]}: "
+      if (len(set(ids.tolist())) != ids.size or
+          np.any(hot[layer, cap[layer]:] >= 0)):
+        raise ValueError(f"hot_set layer {layer} must hold distinct experts "
+                         f"in its first {cap[layer]} slots (capacity), got "
                          f"{hot[layer].tolist()}.")
       expert_in_slot[layer] = hot[layer]
       slot_of_expert[layer, ids] = np.flatnonzero(hot[layer] >= 0)

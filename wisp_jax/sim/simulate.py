@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from wisp_jax.models.config import MoEConfig, get_config as get_preset
+from wisp_jax.paging.policies import get_policy
 from wisp_jax.sim import cost, mrc, replay
 from wisp_jax.sim.hardware import get_profile
 from wisp_jax.traces import synthetic
@@ -61,7 +62,7 @@ def load_trace(config: ml_collections.ConfigDict, preset: MoEConfig
       raise ValueError(f"unknown synthetic trace kind {kind!r}; use one of "
                        f"{', '.join(GENERATORS)} (e.g. trace='synthetic:"
                        "sticky').")
-    options = dict(s.options) if "options" in s else {}
+    options = _as_dict(s.get("options"))
     return GENERATORS[kind](preset.num_layers, preset.num_experts,
                             preset.top_k, s.num_requests,
                             s.tokens_per_request, s.batch, seed=s.seed,
@@ -162,6 +163,13 @@ def _budget_plan(model: MoEConfig, budget: int, kv_reserve: int,
   }
 
 
+def _as_dict(value) -> dict[str, Any]:
+  """A plain dict from a ConfigDict, a dict or None."""
+  if value is None:
+    return {}
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
 def _write_json(path: pathlib.Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -176,11 +184,19 @@ def run(config: ml_collections.ConfigDict,
   profile = get_profile(config.hardware if isinstance(config.hardware, str)
                         else dict(config.hardware))
   policies = list(config.policies)
-  for name in policies:
-    replay.get_policy(name)  # unknown names fail before any work
+  all_options = _as_dict(config.get("policy_options"))
+  for name in policies:  # unknown names and options fail before any work
+    get_policy(name, **_as_dict(all_options.get(name)))
+  if config.paged_policy not in policies:
+    raise ValueError(f"paged_policy={config.paged_policy!r} must be one of "
+                     f"the replayed policies {policies}; add it to policies.")
   if config.batching not in replay.BATCHINGS:
     raise ValueError(f"batching must be one of {replay.BATCHINGS}, got "
                      f"{config.batching!r}.")
+  if config.context_len < 0 or config.workspace_bytes < 0:
+    raise ValueError(f"context_len ({config.context_len}) and "
+                     f"workspace_bytes ({config.workspace_bytes}) must be "
+                     ">= 0.")
   budgets = [int(b) for b in config.budget_bytes] or [profile.memory_bytes]
   if min(budgets) <= 0:
     raise ValueError(f"budget_bytes must be positive, got {budgets}.")
@@ -206,7 +222,7 @@ def run(config: ml_collections.ConfigDict,
   results: dict[str, dict[int, replay.ReplayResult]] = {}
   replay_seconds = {}
   for name in policies:
-    options = dict(config.policy_options.get(name, {}))
+    options = _as_dict(all_options.get(name))
     results[name] = {}
     start = time.perf_counter()
     for capacity in replayed:

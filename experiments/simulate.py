@@ -1,0 +1,50 @@
+r"""Replays a routing trace and predicts decode speed; see configs/simulate.py.
+
+  .venv/bin/python experiments/simulate.py --config=configs/simulate.py \
+      --workdir=workdirs/simulate
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from wisp_jax.sim import simulate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Simulation config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fmt(value) -> str:
+  return "-" if value is None else f"{value:,.1f}"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  summary = simulate.run(_CONFIG.value, _WORKDIR.value)
+  caps = summary["capacities"]
+  logging.info("trace: %s (%d events)", summary["trace"]["source"],
+               summary["trace"]["num_events"])
+  logging.info("hit rate by slots per layer %s:", caps)
+  for name, rates in summary["hit_rate"].items():
+    logging.info("  %-6s %s", name, " ".join(f"{r:.3f}" for r in rates))
+  logging.info("decode tokens/s by budget (resident / static_offload / "
+               "transient / paged [slots]):")
+  for row in summary["budgets"]:
+    modes = row["modes"]
+    logging.info("  %8.3f GiB: %s / %s / %s / %s [%d]", row["budget_gib"],
+                 _fmt(modes["resident"]["tokens_per_s"]),
+                 _fmt(modes["static_offload"]["tokens_per_s"]),
+                 _fmt(modes["transient"]["tokens_per_s"]),
+                 _fmt(modes["paged"]["tokens_per_s"]),
+                 modes["paged"]["slots_per_layer"])
+  logging.info("wrote %s/summary.json, hit_rate.png, tokens_per_s.png",
+               _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,65 @@
+"""Tests of wisp_jax/alloc/allocate.py and sweep.py on the `tiny` configs."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from wisp_jax.alloc import allocate
+from wisp_jax.alloc import sweep
+
+CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
+
+
+def load_config(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_parse_groups():
+  assert allocate.parse_groups("sticky:p_keep=0.9,alpha=1;zipf:alpha=0.2") == [
+      {"kind": "sticky", "p_keep": 0.9, "alpha": 1.0},
+      {"kind": "zipf", "alpha": 0.2}]
+  assert allocate.parse_groups("uniform") == [{"kind": "uniform"}]
+  with pytest.raises(ValueError, match="key=value"):
+    allocate.parse_groups("sticky:p_keep")
+
+
+def test_allocate_run_writes_summary(tmp_path):
+  config = load_config("allocate", "tiny")
+  summary = allocate.run(config, str(tmp_path))
+  written = json.loads((tmp_path / "summary.json").read_text())
+  assert written["split"] == summary["split"]
+  assert (tmp_path / "config.json").exists()
+  relative = written["relative_to_oracle"]
+  assert relative["oracle"] == 1.0
+  assert all(value <= 1.0 + 1e-9 for value in relative.values())
+  assert relative["mv-wsa"] >= 0.97
+  split = written["split"]
+  assert len(split["slots_per_layer"]) == 2
+  assert split["kv_blocks"] >= written["workload"]["floor_blocks"]
+
+
+def test_allocate_refuses_a_small_budget(tmp_path):
+  config = load_config("allocate", "tiny")
+  config.budget_gib = 20_000 / 2**30
+  with pytest.raises(ValueError, match="cannot serve tiny"):
+    allocate.run(config, str(tmp_path))
+
+
+def test_sweep_run_writes_table_plots_and_targets(tmp_path):
+  config = load_config("alloc_sweep", "tiny")
+  config.budgets_gib = (60_000 / 2**30,)
+  summary = sweep.run(config, str(tmp_path))
+  assert len(summary["rows"]) == len(config.workloads)
+  for name in ("table.md", "metrics.jsonl", "relative_to_oracle.png",
+               "split_landscape.png", "slots_per_layer.png",
+               "marginal_values.png"):
+    assert (tmp_path / name).stat().st_size > 0
+  targets = summary["targets"]
+  assert targets["worst_mv_over_oracle"] <= 1.0 + 1e-9
+  assert targets["mv_within_3pct_of_oracle_everywhere"] == (
+      targets["worst_mv_over_oracle"] >= 0.97)
