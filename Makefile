@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install decode clean
+.PHONY: demo test install decode serve clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: install
 
 decode: install
 	$(PY) experiments/decode.py --config=configs/decode.py --workdir=workdirs/decode
+
+serve: install
+	$(PY) experiments/serve.py --config=configs/serve.py --workdir=workdirs/serve
 
 clean:
 	rm -rf $(VENV) workdirs

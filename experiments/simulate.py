@@ -21,6 +21,11 @@ def _fmt(value) -> str:
   return "-" if value is None else f"{value:,.1f}"
 
 
+def _fmt_bytes(value: int) -> str:
+  return (f"{value / 2**30:.2f} GiB" if value >= 2**30
+          else f"{value / 2**20:.2f} MiB")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -36,7 +41,8 @@ def main(argv):
                "transient / paged [slots]):")
   for row in summary["budgets"]:
     modes = row["modes"]
-    logging.info("  %8.3f GiB: %s / %s / %s / %s [%d]", row["budget_gib"],
+    logging.info("  %10s: %s / %s / %s / %s [%d]",
+                 _fmt_bytes(row["budget_bytes"]),
                  _fmt(modes["resident"]["tokens_per_s"]),
                  _fmt(modes["static_offload"]["tokens_per_s"]),
                  _fmt(modes["transient"]["tokens_per_s"]),

@@ -28,17 +28,22 @@ def setup(request):
 def test_every_source_and_policy_is_bit_exact(setup):
   model, prompts, bank, ref = setup
   c = model.config
-  # The full capacity sweep in float32; bfloat16 (slow matmuls on CPU) runs
-  # every source and policy at E/2. The tiny preset sweeps both dtypes.
-  capacities = ((c.top_k, c.num_experts // 2, c.num_experts - 1)
-                if model.dtype == jnp.float32 else (c.num_experts // 2,))
+  half = c.num_experts // 2
   runs = [dict(experts="static_offload"), dict(experts="transient")]
-  for policy in ("lru", "lfu", "fifo", "ws", "pinned"):
-    for capacity in capacities:
+  # float32: every policy at E/2 and LRU at every capacity (one compiled
+  # step serves all capacities); bfloat16: LRU only, to keep the suite's
+  # compile time in bounds. The tiny preset sweeps every policy x capacity
+  # in both dtypes.
+  sweep = {"lru": (c.top_k, half, c.num_experts - 1)}
+  policies = ("lru", "lfu", "fifo", "ws", "pinned")
+  if model.dtype != jnp.float32:
+    policies = ("lru",)
+  for policy in policies:
+    for capacity in sweep.get(policy, (half,)):
       hot = (api.hot_set_from_routing(ref.routing_ids, c.num_experts, capacity)
              if policy == "pinned" else None)
       runs.append(dict(experts="paged", slots_per_layer=capacity,
-                       policy=policy, hot_set=hot, num_slots=max(capacities)))
+                       policy=policy, hot_set=hot, num_slots=c.num_experts - 1))
   hit_rates = {}
   for kwargs in runs:
     with jax.transfer_guard("disallow"):
@@ -46,10 +51,11 @@ def test_every_source_and_policy_is_bit_exact(setup):
                      **kwargs)
     assert np.array_equal(out.logits, ref.logits), kwargs
     assert np.array_equal(out.tokens, ref.tokens), kwargs
-    hit_rates[(kwargs.get("policy"), kwargs.get("slots_per_layer"))] = (
-        out.stats.hit_rate)
-  # Real routing has reuse: more slots, more hits, for every policy.
-  for policy in ("lru", "lfu", "fifo", "ws", "pinned"):
-    rates = [hit_rates[(policy, s)] for s in capacities]
-    assert rates == sorted(rates), (policy, rates)
-    assert rates[-1] > 0.4, (policy, rates)
+    if kwargs["experts"] == "paged":
+      hit_rates[(kwargs["policy"], kwargs["slots_per_layer"])] = (
+          out.stats.hit_rate)
+  # Real routing has reuse: the pager hits, and more slots hit more.
+  assert all(rate > 0.6 for (_, slots), rate in hit_rates.items()
+             if slots >= half), hit_rates
+  lru = [hit_rates[("lru", s)] for s in sweep.get("lru", ())]
+  assert lru == sorted(lru)

@@ -38,6 +38,12 @@ def setup(request):
   return model, bank, ref
 
 
+@pytest.fixture(scope="module")
+def tiny_f32():
+  model = MoEModel(CONFIG, rngs=nnx.Rngs(0))
+  return model, bank_lib.make_bank(model.experts.weights())
+
+
 def needed_sets(routing_ids, layer):
   return [set(np.unique(ids[layer]).tolist()) for ids in routing_ids]
 
@@ -98,8 +104,8 @@ def test_paged_equals_resident_and_reference_counts(setup, policy):
       assert out.stats.hit_rate > 0.5
 
 
-def test_paged_bytes_far_below_static_offload(setup):
-  model, bank, _ = setup
+def test_paged_bytes_far_below_static_offload(tiny_f32):
+  model, bank = tiny_f32
   static = generate(model, PROMPTS, NEW_TOKENS, experts="static_offload",
                     bank=bank)
   paged = generate(model, PROMPTS, NEW_TOKENS, experts="paged",
@@ -108,8 +114,8 @@ def test_paged_bytes_far_below_static_offload(setup):
 
 
 @pytest.mark.parametrize("experts", ["resident", "paged"])
-def test_decode_step_does_not_retrace(setup, monkeypatch, experts):
-  model, bank, _ = setup
+def test_decode_step_does_not_retrace(tiny_f32, monkeypatch, experts):
+  model, bank = tiny_f32
   chex.clear_trace_counter()
   counted = jax.jit(chex.assert_max_traces(generate_lib.step_impl, n=1),
                     static_argnums=(0, 2, 8), donate_argnums=(4, 6))
@@ -142,8 +148,8 @@ def test_compiled_step_holds_no_bank_sized_buffer():
   assert memory.output_size_in_bytes < memory.argument_size_in_bytes - bank_bytes
 
 
-def test_bad_input_is_refused_before_work(setup):
-  model, bank, _ = setup
+def test_bad_input_is_refused_before_work(tiny_f32):
+  model, bank = tiny_f32
   with pytest.raises(ValueError, match="below top_k=2"):
     generate(model, PROMPTS, 4, experts="paged", slots_per_layer=1, bank=bank)
   with pytest.raises(ValueError, match="exceeds num_experts=6"):

@@ -112,6 +112,8 @@ def test_single_batching_splits_steps_into_tokens():
   single = replay.replay(trace, "min", 2, batching="single")
   assert single.num_steps == 7
   assert single.step_hits[:, 0].tolist() == [0, 0, 0, 1, 0, 0, 1]
+  np.testing.assert_array_equal(replay.needed_masks(trace, "trace"),
+                                trace.needed_masks())
   lru = replay.replay(trace, "lru", 2, batching="single")
   masks = replay.needed_masks(trace, "single")
   assert lru.hits.tolist() == mrc.mattson(masks).hits[:, 2].tolist()
@@ -169,7 +171,7 @@ def test_equals_reference_per_layer(policy):
 
 
 @pytest.mark.parametrize("policy", ["lfu", "min"])
-def test_chunking_does_not_change_results(policy):
+def test_chunking_and_buffer_size_do_not_change_results(policy):
   trace = synthetic.sticky(3, 7, 2, 4, 15, 2, p_keep=0.5, seed=8)
   options = OPTIONS.get(policy)
   whole = replay.replay(trace, policy, 3, policy_options=options)
@@ -177,9 +179,12 @@ def test_chunking_does_not_change_results(policy):
   # must see the uses in the chunk after.
   chunked = replay.replay(trace, policy, 3, chunk_steps=16,
                           policy_options=options)
+  # A buffer of exactly `capacity` slots instead of E: same counts.
+  tight = replay.replay(trace, policy, 3, num_slots=3, policy_options=options)
   for field in ("step_hits", "step_misses", "step_loads"):
     np.testing.assert_array_equal(getattr(whole, field),
                                   getattr(chunked, field))
+    np.testing.assert_array_equal(getattr(whole, field), getattr(tight, field))
 
 
 def test_next_use_table():
@@ -227,7 +232,10 @@ def test_bad_inputs():
     replay.replay(trace, "lru", 2, batching="stream")
   with pytest.raises(ValueError, match="only used by policy 'pinned'"):
     replay.replay(trace, "lru", 2, hot_set=[[0, 1]])
-  with pytest.raises(ValueError, match="more than capacity"):
+  with pytest.raises(ValueError, match="hot_set layer 0"):
     replay.replay(trace, "pinned", 1, hot_set=[[0, 1]])
+  with pytest.raises(ValueError, match=r"num_slots=1 must lie in \[max "
+                     "capacity 2, E=4\]"):
+    replay.replay(trace, "lru", 2, num_slots=1)
   with pytest.raises(ValueError, match="RoutingTrace"):
     replay.replay(trace.needed_masks(), "lru", 2)

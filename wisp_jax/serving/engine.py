@@ -18,6 +18,12 @@ source (pager state and slots) serves every step of the engine.
 Results per request: tokens, TTFT, decode tokens/s, latency, error. A
 request that cannot be served (too long, bad token ids) fails alone: the
 error is recorded on it and the others run.
+
+`resize(split)` re-divides device memory between expert slots and KV blocks
+at a drained barrier (`drain()` preempts by recompute as above; the online
+controller in `serving.controller` drives both). The slot buffer holds
+`num_slots` rows per layer, so capacities change without recompiling; the
+KV pool is rebuilt at its new size (steps compile once per pool size).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from flax import nnx
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.paging import api as paging_api
 from wisp_jax.paging import bank as bank_lib
+from wisp_jax.paging import resize as resize_lib
 from wisp_jax.paging.sources import SOURCES
 from wisp_jax.serving import batch_step
 from wisp_jax.serving import kv_pool
@@ -71,7 +78,7 @@ class Engine:
                block_size: int = 16, max_batch: int = 8, *,
                experts: str = "paged", policy: str = "lru",
                policy_options: dict | None = None, hot_set=None,
-               min_prefill_bucket: int = 16,
+               min_prefill_bucket: int = 16, num_slots: int | None = None,
                workdir: str | None = None,
                clock: Callable[[], float] = time.perf_counter):
     """Builds the pools and the expert source.
@@ -91,6 +98,9 @@ class Engine:
       hot_set: `[L, S]` experts of the `pinned` policy.
       min_prefill_bucket: smallest prefill length bucket; buckets double up
         to the model's max_seq_len.
+      num_slots: slot rows per layer in the device buffer (`paged`; default
+        the largest capacity): the most slots a later `resize` may give a
+        layer.
       workdir: where `metrics.jsonl` goes (one line per step), or None.
       clock: time source in seconds.
     """
@@ -123,7 +133,9 @@ class Engine:
             bank_lib.make_bank(model.experts.weights()))
     self.spec, self._arrays, self._carry = paging_api.make_source(
         config, bank, experts, slots_per_layer, policy, policy_options,
-        hot_set)
+        hot_set, num_slots if experts == "paged" else None)
+    self.num_slots = (int(self._carry[0].gate.shape[1]) if experts == "paged"
+                      else None)
     self.bytes_per_expert = bank_lib.bytes_per_expert(bank)
     self._graphdef, self._state = nnx.split(model.decoder)
     self._pool = kv_pool.KVPool.create(config, kv_blocks, block_size,
@@ -147,6 +159,9 @@ class Engine:
     self.metrics = MetricsWriter(workdir)
     self.step_count = 0
     self.num_preemptions = 0
+    # While True, waiting requests are not admitted (a draining barrier).
+    self.admission_paused = False
+    self._kv_peak = 0  # peak blocks in use of pools replaced by resizes
     self.results: dict[Any, RequestResult] = {}
     self._waiting: collections.deque[_Live] = collections.deque()
     self._running: list[_Live] = []  # in admission order
@@ -234,6 +249,8 @@ class Engine:
   def _admit(self) -> tuple[int, int]:
     """Admits and prefills waiting requests; returns (prefills, tokens)."""
     prefills = tokens = 0
+    if self.admission_paused:
+      return prefills, tokens
     # Blocks the running requests take in this step's decode: admission
     # leaves them free, so admitting never forces a preemption at once.
     reserved = sum(live.kv_len == len(live.blocks) * self.block_size
@@ -302,13 +319,19 @@ class Engine:
     started = self.clock()
     before = self._counters.copy()
     preempted_before = self.num_preemptions
+    # The allocator's peak over this step alone, then its running peak.
+    peak_before = self.allocator.peak_in_use
+    self.allocator.peak_in_use = self.allocator.num_in_use
     prefills, prefill_tokens = self._admit()
-    if not self._running and self._waiting and self.allocator.num_in_use == 0:
+    if (not self._running and self._waiting and not self.admission_paused
+        and self.allocator.num_in_use == 0):
       # Cannot happen for validated requests; never spin forever.
       live = self._waiting.popleft()
       self._finish_error(live.result, "the request does not fit in the KV "
                          f"pool of {self.allocator.num_blocks} blocks.")
     batch = self._decode()
+    step_peak = self.allocator.peak_in_use
+    self.allocator.peak_in_use = max(peak_before, step_peak)
     traffic = (self._counters - before).sum(axis=1)
     record = {
         "step": self.step_count, "time_s": self.clock() - self._start_time,
@@ -317,8 +340,11 @@ class Engine:
                          if batch else 0),
         "prefills": prefills, "prefill_tokens": prefill_tokens,
         "queue_length": len(self._waiting), "running": len(self._running),
+        "kv_blocks": self.allocator.num_blocks,
+        "slots_per_layer": list(self.split.slots_per_layer),
         "kv_blocks_in_use": self.allocator.num_in_use,
-        "kv_blocks_peak": self.allocator.peak_in_use,
+        "kv_blocks_step_peak": step_peak,
+        "kv_blocks_peak": self.kv_blocks_peak,
         "preemptions": self.num_preemptions - preempted_before,
         "preemptions_total": self.num_preemptions,
         "pager_hits": int(traffic[0]), "pager_misses": int(traffic[1]),
@@ -352,7 +378,99 @@ class Engine:
         on_step(record)
     return results
 
+  # -- resizing (at drained barriers, see serving.controller) -----------------
+
+  @property
+  def pager_state(self):
+    """The paged source's `PagerState` after the last step (None for other
+    sources); read it before the next step, which donates it."""
+    return self._carry[1] if self.experts == "paged" else None
+
+  def live_requests(self) -> list[Request]:
+    """The running requests (in admission order), then the waiting ones."""
+    return [live.request for live in self._running + list(self._waiting)]
+
+  def drain(self) -> int:
+    """Preempts every running request by recompute (they return to the head
+    of the queue in admission order, keeping their tokens); returns how
+    many."""
+    running = list(self._running)
+    for live in reversed(running):
+      self._preempt(live)
+    return len(running)
+
+  def resize(self, split: Split) -> dict[str, Any]:
+    """Applies `split` at a drained barrier (no request running).
+
+    Pools that shrink do so first (slots via `paging.resize`: residents that
+    still fit stay resident; the KV pool is rebuilt), then the others grow,
+    so device usage stays within the budget throughout.
+
+    Returns:
+      `{"moved": slot rows moved, "evicted": residents evicted, "phases":
+      the splits applied in order (shrink, then grow)}`.
+
+    Raises:
+      RuntimeError: requests are running (`drain` first).
+      ValueError: slots outside [top_k, min(E, num_slots)] (or changed for
+        a source other than `paged`), or fewer KV blocks than a queued
+        request needs: a resize drops no request.
+      BudgetError: a split that does not fit the budget.
+    """
+    if self._running:
+      raise RuntimeError(f"{len(self._running)} requests are running; "
+                         "resize only at a drained barrier (call drain()).")
+    c, slots = self.config, np.asarray(split.slots_per_layer)
+    most = min(c.num_experts, self.num_slots or 0)
+    if self.experts != "paged" and split.slots_per_layer != (
+        self.split.slots_per_layer):
+      raise ValueError(f"the {self.experts!r} source keeps its slots "
+                       f"{list(self.split.slots_per_layer)}.")
+    if self.experts == "paged" and not (
+        slots.shape == (c.num_layers,) and c.top_k <= slots.min() and
+        slots.max() <= most):
+      raise ValueError(f"slots per layer must be {c.num_layers} values in "
+                       f"[top_k={c.top_k}, {most}] (num_slots="
+                       f"{self.num_slots} buffer rows), got {slots.tolist()}.")
+    need = max([kv_pool.blocks_for(live.prompt.size + live.request.
+                                   max_new_tokens - 1, self.block_size)
+                for live in self._running + list(self._waiting)], default=1)
+    if split.kv_blocks < need:
+      raise ValueError(f"kv_blocks={split.kv_blocks} cannot hold a queued "
+                       f"request that needs {need} blocks.")
+    if self.budget is not None:
+      self.budget.check(split)
+    shrunk = Split(tuple(np.minimum(slots, self.split.slots_per_layer)
+                         .tolist()),
+                   min(split.kv_blocks, self.split.kv_blocks))
+    moved = evicted = 0
+    for target in (shrunk, split):
+      if target.slots_per_layer != self.split.slots_per_layer:
+        rows, state = self._carry
+        state, rows, moves, evictions = resize_lib.resize(
+            state, rows, np.asarray(target.slots_per_layer),
+            self.spec.policy, self.spec.policy_options)
+        self._carry = (rows, state)
+        moved, evicted = moved + int(moves.sum()), evicted + int(
+            evictions.sum())
+      if target.kv_blocks != self.allocator.num_blocks:
+        self._kv_peak = self.kv_blocks_peak
+        self._pool = None  # free the old pool before the new one exists
+        self._pool = jax.device_put(kv_pool.KVPool.create(
+            c, target.kv_blocks, self.block_size, self.model.dtype),
+                                    self._device)
+        self.allocator = kv_pool.BlockAllocator(target.kv_blocks)
+      self.split = target
+    self.budget_usage = (None if self.budget is None else
+                         self.budget.check(split))
+    return {"moved": moved, "evicted": evicted, "phases": [shrunk, split]}
+
   # -- statistics ---------------------------------------------------------------
+
+  @property
+  def kv_blocks_peak(self) -> int:
+    """Most KV blocks ever in use at once (over every pool size)."""
+    return max(self._kv_peak, self.allocator.peak_in_use)
 
   def expert_stats(self) -> dict[str, Any]:
     """Cumulative pager traffic of the engine (all steps)."""
@@ -369,7 +487,7 @@ class Engine:
     """Engine-level totals: steps, preemptions, KV peak, pager traffic."""
     return {"steps": self.step_count, "preemptions": self.num_preemptions,
             "kv_blocks": self.allocator.num_blocks,
-            "kv_blocks_peak": self.allocator.peak_in_use,
+            "kv_blocks_peak": self.kv_blocks_peak,
             "block_size": self.block_size, "max_batch": self.max_batch,
             "slots_per_layer": list(self.split.slots_per_layer),
             "batch_buckets": list(self.batch_buckets),

@@ -129,6 +129,13 @@ def needed_masks(trace: RoutingTrace, batching: Batching = "trace",
 
   With "trace" batching and the whole range this equals
   `trace.needed_masks()`.
+
+  Args:
+    trace: the routing trace.
+    batching: "trace" or "single" (see the module docstring).
+    start: first replay step.
+    stop: one past the last replay step (default: the end; clipped to it).
+    ordinals: `step_ordinals(trace, batching)`, if already computed.
   """
   if ordinals is None:
     ordinals = step_ordinals(trace, batching)
@@ -224,14 +231,10 @@ def _layer_states(state: pager.PagerState) -> pager.LayerState:
       hits=state.hits, misses=state.misses, loads=state.loads)
 
 
-def _chunk_steps(num_steps: int, num_layers: int, num_experts: int,
-                 chunk_steps: int | None) -> int:
-  """Steps per scan call: a power of two (so traces of similar length
-  share one compiled scan), at most `_CHUNK_ELEMENTS` mask entries."""
-  if chunk_steps is not None:
-    if chunk_steps < 1:
-      raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}.")
-    return int(chunk_steps)
+def default_chunk_steps(num_steps: int, num_layers: int,
+                        num_experts: int) -> int:
+  """Steps per jitted scan call: a power of two (so traces of similar
+  length share one compiled scan) with at most 32M mask entries."""
   limit = max(1, _CHUNK_ELEMENTS // (num_layers * num_experts))
   limit = 1 << (limit.bit_length() - 1)
   return min(limit, 1 << max(num_steps - 1, 0).bit_length())
@@ -240,7 +243,8 @@ def _chunk_steps(num_steps: int, num_layers: int, num_experts: int,
 def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
            *, policy_options: Mapping[str, Any] | None = None,
            hot_set: np.ndarray | None = None, batching: Batching = "trace",
-           chunk_steps: int | None = None, unroll: int = 1) -> ReplayResult:
+           num_slots: int | None = None, chunk_steps: int | None = None,
+           unroll: int = 1) -> ReplayResult:
   """Replays `trace` through the pager's planning code.
 
   Args:
@@ -252,6 +256,11 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
       capacity); default: each layer's most routed experts of the trace.
     batching: "trace" (the trace's forward steps) or "single" (one token
       per step).
+    num_slots: slot rows per layer of the simulated buffer, >= max
+      capacity (rows beyond a layer's capacity stay unused; results do not
+      depend on it). Default E: every capacity shares one compiled scan per
+      policy. Pass the capacity for the fastest replay of one capacity
+      (planning compares slots pairwise).
     chunk_steps: steps per jitted scan call (default: a power of two that
       bounds the masks at 32 MiB).
     unroll: `lax.scan` unroll factor.
@@ -280,8 +289,11 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
                      f"layer, got {cap.tolist()}; clamp it to that range.")
   ordinals = step_ordinals(trace, batching)
   num_steps = int(ordinals[-1]) + 1 if ordinals.size else 0
-  # A buffer of E slots for every capacity: one compiled scan per policy.
-  num_slots = num_experts
+  if num_slots is None:
+    num_slots = num_experts
+  if not cap.max() <= num_slots <= num_experts:
+    raise ValueError(f"num_slots={num_slots} must lie in [max capacity "
+                     f"{cap.max()}, E={num_experts}].")
   if not rule.evicts:
     if hot_set is None:
       hot_set = most_routed(trace, cap)
@@ -301,7 +313,10 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
                    if hot_set is not None else np.zeros(num_layers, np.int64))
   ls = _layer_states(state)
 
-  chunk = _chunk_steps(num_steps, num_layers, num_experts, chunk_steps)
+  if chunk_steps is not None and chunk_steps < 1:
+    raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}.")
+  chunk = int(chunk_steps or default_chunk_steps(num_steps, num_layers,
+                                                 num_experts))
   starts = list(range(0, num_steps, chunk))
   boundary_next = [None] * len(starts)
   if rule.needs_hint:

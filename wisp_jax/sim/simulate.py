@@ -163,6 +163,69 @@ def _budget_plan(model: MoEConfig, budget: int, kv_reserve: int,
   }
 
 
+def _replay_all(trace: RoutingTrace, policies: list[str],
+                all_options: dict[str, Any], capacities: list[int],
+                batching: str, metrics
+                ) -> tuple[dict[str, dict[int, replay.ReplayResult]],
+                           dict[str, float]]:
+  """Replays every policy at every capacity; one metrics line each."""
+  results, seconds_per_policy = {}, {}
+  for name in policies:
+    options = _as_dict(all_options.get(name))
+    results[name] = {}
+    start = time.perf_counter()
+    for capacity in capacities:
+      t0 = time.perf_counter()
+      r = replay.replay(trace, name, capacity, policy_options=options,
+                        batching=batching)
+      seconds = time.perf_counter() - t0
+      results[name][capacity] = r
+      metrics.write(json.dumps({
+          "kind": "replay", "policy": name, "capacity": capacity,
+          "hit_rate": r.hit_rate, "hits": int(r.hits.sum()),
+          "misses": int(r.misses.sum()), "loads": int(r.loads.sum()),
+          "seconds": seconds,
+          "events_per_s": trace.num_events / max(seconds, 1e-9)}) + "\n")
+    seconds_per_policy[name] = time.perf_counter() - start
+  return results, seconds_per_policy
+
+
+def _modes(model: MoEConfig, plan: dict[str, Any], timer: "_Timer",
+           results: dict[str, dict[int, replay.ReplayResult]],
+           timed: np.ndarray, paged_policy: str) -> dict[str, Any]:
+  """Speed and traffic of each mode under one budget's `plan`."""
+  one = cost.expert_bytes(model)
+  tokens = float(timer.batch.sum())
+
+  def traffic(moved):
+    return {"bytes_per_token": float(moved.sum()) * one / tokens,
+            "bytes_per_pass": float(moved.mean()) * one}
+
+  needed = timer.needed
+  modes = {}
+  for mode, moved in (
+      ("resident", np.zeros_like(needed)),
+      ("static_offload", np.full_like(needed,
+                                      model.num_layers * model.num_experts)),
+      ("transient", needed)):
+    modes[mode] = {"fits": plan[mode], "tokens_per_s": (
+        timer.tokens_per_s(moved) if plan[mode] else None), **traffic(moved)}
+  slots = plan["slots_per_layer"]
+  paged = {"fits": plan["paged"], "slots_per_layer": slots,
+           "tokens_per_s": None, "policies": {}}
+  if plan["paged"]:
+    for name, by_capacity in results.items():
+      r = by_capacity[slots]
+      moved = r.step_loads.sum(axis=1)[timed]
+      paged["policies"][name] = {"hit_rate": r.hit_rate,
+                                 "tokens_per_s": timer.tokens_per_s(moved),
+                                 **traffic(moved)}
+    paged.update({key: paged["policies"][paged_policy][key] for key in (
+        "tokens_per_s", "hit_rate", "bytes_per_token", "bytes_per_pass")})
+  modes["paged"] = paged
+  return modes
+
+
 def _as_dict(value) -> dict[str, Any]:
   """A plain dict from a ConfigDict, a dict or None."""
   if value is None:
@@ -217,70 +280,23 @@ def run(config: ml_collections.ConfigDict,
   replayed = sorted(set(capacities) | {p["slots_per_layer"] for p in plans
                                        if p["paged"]})
 
-  metrics = open(workdir / "metrics.jsonl", "w")
   one = cost.expert_bytes(model)
-  results: dict[str, dict[int, replay.ReplayResult]] = {}
-  replay_seconds = {}
-  for name in policies:
-    options = _as_dict(all_options.get(name))
-    results[name] = {}
-    start = time.perf_counter()
-    for capacity in replayed:
-      t0 = time.perf_counter()
-      r = replay.replay(trace, name, capacity, policy_options=options,
-                        batching=config.batching)
-      seconds = time.perf_counter() - t0
-      results[name][capacity] = r
-      metrics.write(json.dumps({
-          "kind": "replay", "policy": name, "capacity": capacity,
-          "hit_rate": r.hit_rate, "hits": int(r.hits.sum()),
-          "misses": int(r.misses.sum()), "loads": int(r.loads.sum()),
-          "seconds": seconds,
-          "events_per_s": trace.num_events / max(seconds, 1e-9)}) + "\n")
-    replay_seconds[name] = time.perf_counter() - start
+  with open(workdir / "metrics.jsonl", "w") as metrics:
+    results, replay_seconds = _replay_all(trace, policies, all_options,
+                                          replayed, config.batching, metrics)
+    any_result = results[policies[0]][replayed[0]]
+    needed = (any_result.step_hits + any_result.step_misses).sum(axis=1)
+    timer = _Timer(model, profile, config.context_len, batch, needed[timed])
+    budget_rows = []
+    for budget, plan in zip(budgets, plans):
+      row = {"budget_bytes": budget, "budget_gib": budget / 2**30,
+             "kv_reserve_bytes": kv_reserve,
+             "modes": _modes(model, plan, timer, results, timed,
+                             config.paged_policy)}
+      budget_rows.append(row)
+      metrics.write(json.dumps({"kind": "budget", **row}) + "\n")
   curve = mrc.mattson(replay.needed_masks(trace, config.batching))
-
   tokens = int(batch.sum())
-  any_result = results[policies[0]][replayed[0]]
-  needed = (any_result.step_hits + any_result.step_misses).sum(axis=1)[timed]
-  timer = _Timer(model, profile, config.context_len, batch, needed)
-  budget_rows = []
-  for budget, plan in zip(budgets, plans):
-    per_step = {"resident": np.zeros_like(needed),
-                "static_offload": np.full_like(
-                    needed, model.num_layers * model.num_experts),
-                "transient": needed}
-    row = {"budget_bytes": budget, "budget_gib": budget / 2**30,
-           "kv_reserve_bytes": kv_reserve, "modes": {}}
-    for mode, moved in per_step.items():
-      fits = plan[mode]
-      row["modes"][mode] = {
-          "fits": fits,
-          "tokens_per_s": timer.tokens_per_s(moved) if fits else None,
-          "bytes_per_token": float(moved.sum()) * one / tokens,
-          "bytes_per_pass": float(moved.mean()) * one}
-    slots = plan["slots_per_layer"]
-    paged = {"fits": plan["paged"], "slots_per_layer": slots,
-             "policies": {}}
-    if plan["paged"]:
-      for name in policies:
-        r = results[name][slots]
-        moved = r.step_loads.sum(axis=1)[timed]
-        paged["policies"][name] = {
-            "hit_rate": r.hit_rate,
-            "tokens_per_s": timer.tokens_per_s(moved),
-            "bytes_per_token": float(moved.sum()) * one / tokens,
-            "bytes_per_pass": float(moved.mean()) * one}
-      headline = paged["policies"][config.paged_policy]
-      paged.update(tokens_per_s=headline["tokens_per_s"],
-                   hit_rate=headline["hit_rate"],
-                   bytes_per_token=headline["bytes_per_token"])
-    else:
-      paged["tokens_per_s"] = None
-    row["modes"]["paged"] = paged
-    budget_rows.append(row)
-    metrics.write(json.dumps({"kind": "budget", **row}) + "\n")
-  metrics.close()
 
   summary = {
       "trace": {"source": trace.source, "model": trace.model,
@@ -334,9 +350,10 @@ def _plot(summary: dict[str, Any], workdir: pathlib.Path,
   for name, rates in summary["hit_rate"].items():
     ax.plot(caps, rates, marker="o", ls="--" if name == "min" else "-",
             label=name.upper() if name == "min" else name)
-  ax.set(xlabel="slots per layer", ylabel="hit rate", ylim=(0, 1.02),
-         title=f"{summary['model']['preset']}: {summary['trace']['source']}"[
-             :70])
+  t = summary["trace"]
+  ax.set(xlabel="slots per layer", ylabel="hit rate", ylim=(0, 1.02))
+  ax.set_title(f"{t['model'] or 'imported'} trace, {t['num_events']:,} "
+               f"events, {t['batching']} batching", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -344,7 +361,9 @@ def _plot(summary: dict[str, Any], workdir: pathlib.Path,
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  gib = [row["budget_gib"] for row in summary["budgets"]]
+  budgets = [row["budget_bytes"] for row in summary["budgets"]]
+  unit, scale = ("GiB", 2**30) if max(budgets) >= 2**30 else ("MiB", 2**20)
+  gib = [b / scale for b in budgets]
   for mode in ("resident", "static_offload", "transient", "paged"):
     values = [row["modes"][mode]["tokens_per_s"] for row in
               summary["budgets"]]
@@ -356,7 +375,7 @@ def _plot(summary: dict[str, Any], workdir: pathlib.Path,
   if any(v is not None for v in bound):
     ax.plot(gib, [np.nan if v is None else v for v in bound], ls="--",
             color="0.4", label="paged (MIN bound)")
-  ax.set(xlabel="device budget (GiB)", ylabel="predicted decode tokens/s",
+  ax.set(xlabel=f"device budget ({unit})", ylabel="predicted decode tokens/s",
          title=f"{summary['model']['preset']} on {summary['hardware']['name']}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

@@ -1,0 +1,347 @@
+"""The online controller of MV-WSA: resizes both pools while the engine serves.
+
+Every `window` engine steps the controller hands what it observed (KV blocks
+in use, queued requests, the experts each decode step needed, the lengths of
+live requests) to a rule, which returns the next `Split` of device memory
+between expert slots and KV blocks:
+
+  step_curve  KV target = max(floor, peak blocks in use x (1 + headroom)),
+              where the pool counts as full while requests wait for KV; the
+              rest goes to (uniform) expert slots; a dead zone keeps the
+              split while the target moves by <= dead_zone x the pool.
+              (`alloc.online.step_curve_split`.)
+  mv          re-estimates the routing curves from the routing observed
+              online (`alloc.online.update_curves`), builds the workload of
+              the live requests (their lengths, and as concurrency the
+              requests that want to run: running + queued, up to the max
+              batch) and re-solves MV-WSA; switches only if the predicted
+              gain exceeds a dead zone (`alloc.online.mv_split`).
+
+A change is applied at a barrier: `preempt` drains at once (running requests
+are preempted by recompute, `Engine.drain`), `finish` stops admitting and
+waits for the running requests to finish. Then `Engine.resize` shrinks
+pools before growing others. The controller checks that every split the
+engine passes through fits the budget:
+
+  slots x expert bytes + KV blocks x block bytes + dense + workspace
+      <= budget.
+
+Budget accounting is logical: the slot buffer keeps `Engine.num_slots` rows
+per layer (so capacities change without recompiling), while the KV pool is
+rebuilt at its new size.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from wisp_jax.alloc import online
+from wisp_jax.alloc import simulate as alloc_sim
+from wisp_jax.alloc.curves import RoutingCurves
+from wisp_jax.alloc.workload import Workload
+from wisp_jax.models.config import MoEConfig
+from wisp_jax.serving.budget import BudgetError, DeviceBudget, Split
+from wisp_jax.sim import cost
+from wisp_jax.sim import mrc
+
+BARRIERS = ("preempt", "finish")
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+  """What the controller sees of one engine step.
+
+  Attributes:
+    step: the engine step.
+    kv_blocks: blocks in the pool during the step.
+    kv_peak: most blocks in use at once during the step.
+    batch: requests decoded in the step.
+    waiting: requests queued at the end of the step.
+    kv_waiting: of those, queued for lack of KV (the batch had room, or a
+      request was preempted): `waiting` or 0.
+    needed: `[L, E]` bool experts the step's decode needed (None: no
+      decode, or a policy without `last_use`).
+    lengths: `{request_id: (prompt length, max_new_tokens)}` of the live
+      requests at the end of the step.
+  """
+  step: int
+  kv_blocks: int
+  kv_peak: int
+  batch: int
+  waiting: int
+  kv_waiting: int
+  needed: np.ndarray | None = None
+  lengths: dict = dataclasses.field(default_factory=dict)
+
+
+def observe(engine, record: dict[str, Any]) -> Observation:
+  """The observation of the step `record` an engine just ran."""
+  needed = None
+  state = engine.pager_state
+  if (record["batch_size"] and state is not None and
+      isinstance(state.policy_state, dict) and
+      "last_use" in state.policy_state):
+    # The step's decode ran last, at tick - 1.
+    last_use, tick = jax.device_get((state.policy_state["last_use"],
+                                     state.tick))
+    needed = np.asarray(last_use) == int(tick) - 1
+  waiting = record["queue_length"]
+  kv_limited = (record["batch_size"] < engine.max_batch or
+                record["preemptions"] > 0)
+  return Observation(
+      step=record["step"], kv_blocks=record["kv_blocks"],
+      kv_peak=record["kv_blocks_step_peak"], batch=record["batch_size"],
+      waiting=waiting, kv_waiting=waiting if kv_limited else 0,
+      needed=needed,
+      lengths={r.request_id: (len(r.prompt), r.max_new_tokens)
+               for r in engine.live_requests()})
+
+
+def _sizes(budget: DeviceBudget):
+  if budget is None or budget.footprint is None:
+    raise BudgetError("the controller needs a DeviceBudget bound to the "
+                      "model (budget.for_model(model, block_size)).")
+  return budget.footprint
+
+
+def max_slots_per_layer(budget: DeviceBudget, uniform: bool = True) -> int:
+  """The most slots a layer can get next to the KV floor (top_k in the
+  other layers unless `uniform`): the `num_slots` an engine needs."""
+  f = _sizes(budget)
+  left = budget.free_bytes - f.blocks_per_max_request * f.block_bytes
+  if uniform:
+    most = left // (f.num_layers * f.expert_bytes)
+  else:
+    most = f.top_k + (left - f.num_layers * f.top_k * f.expert_bytes) // (
+        f.expert_bytes)
+  if most < f.top_k:
+    raise BudgetError(f"the budget's {budget.free_bytes} free bytes cannot "
+                      f"hold the KV floor {f.blocks_per_max_request} blocks "
+                      f"and top_k={f.top_k} slots in every layer.")
+  return int(min(most, f.num_experts))
+
+
+def fit(split: Split, budget: DeviceBudget, max_slots: int,
+        kv_granule: int = 1) -> Split:
+  """`split` made servable by the engine.
+
+  Slots are capped at `max_slots` per layer; the KV pool is rounded down
+  to `free blocks - k x kv_granule` blocks (the bytes not in KV come in
+  whole granules, so few pool sizes occur and few steps compile), and
+  raised to the floor (one max-length request); then the largest layers
+  lose slots until the split fits the budget.
+  """
+  f = _sizes(budget)
+  caps = np.minimum(np.asarray(split.slots_per_layer), max_slots)
+  free_blocks = budget.free_bytes // f.block_bytes
+  spare = max(free_blocks - split.kv_blocks, 0)
+  kv = free_blocks - -(-spare // kv_granule) * kv_granule
+  kv = max(kv, f.blocks_per_max_request)
+  while sum(caps) * f.expert_bytes + kv * f.block_bytes > budget.free_bytes:
+    layer = int(np.argmax(caps))
+    if caps[layer] <= f.top_k:
+      raise BudgetError(f"no split with {kv} KV blocks and top_k slots fits "
+                        f"{budget.free_bytes} free bytes.")
+    caps[layer] -= 1
+  return Split.make(caps, kv, f.num_layers)
+
+
+class StepCurveRule:
+  """KV just above its peak use, the rest to uniform slots, a dead zone."""
+  name = "step_curve"
+
+  def __init__(self, budget: DeviceBudget, headroom: float = 0.2,
+               dead_zone: float = 0.1, kv_granule: int = 1,
+               max_slots: int | None = None):
+    self.budget, self.sizes = budget, _sizes(budget)
+    self.headroom, self.dead_zone = headroom, dead_zone
+    self.kv_granule = kv_granule
+    self.max_slots = max_slots or max_slots_per_layer(budget)
+
+  def decide(self, current: Split, window: Sequence[Observation]) -> Split:
+    """The split after `window` (observed under `current`)."""
+    f = self.sizes
+    chosen = online.step_curve_split(
+        self.budget.free_bytes, f.expert_bytes, f.block_bytes, f.num_layers,
+        f.top_k, f.num_experts, f.blocks_per_max_request,
+        alloc_sim.Split(current.slots_per_layer, current.kv_blocks),
+        max(o.kv_peak for o in window), window[-1].kv_waiting,
+        self.headroom, self.dead_zone)
+    chosen = fit(Split(chosen.slots_per_layer, chosen.kv_blocks),
+                 self.budget, self.max_slots, self.kv_granule)
+    # Slots unchanged and KV within the dead zone: not worth a barrier.
+    if (chosen.slots_per_layer == current.slots_per_layer and
+        abs(chosen.kv_blocks - current.kv_blocks) <= (
+            self.dead_zone * current.kv_blocks)):
+      return current
+    return chosen
+
+
+class MVRule:
+  """Re-estimates routing curves online and re-solves MV-WSA."""
+  name = "mv"
+
+  def __init__(self, budget: DeviceBudget, config: MoEConfig, hardware,
+               max_batch: int, dead_zone: float = 0.05,
+               curve_weight: float = 0.5, max_samples: int = 256,
+               kv_granule: int = 1, max_slots: int | None = None):
+    """Args:
+      budget: the engine's budget, bound to its model.
+      config: the model's config.
+      hardware: a `sim.hardware` profile (name, dict or profile) whose
+        costs (step overhead, host-to-device bandwidth) the simulator uses.
+      max_batch: the engine's max batch (the most requests that run).
+      dead_zone: least predicted relative gain that triggers a resize.
+      curve_weight: weight of a new window's curves against the estimate.
+      max_samples: request lengths remembered for the workload.
+      kv_granule: KV sizes step by this many blocks (see `fit`).
+      max_slots: most slots per layer (default: what the budget allows).
+    """
+    f = self.sizes = _sizes(budget)
+    self.budget, self.config, self.hardware = budget, config, hardware
+    self.max_batch, self.dead_zone = max_batch, dead_zone
+    self.curve_weight, self.kv_granule = curve_weight, kv_granule
+    self.max_slots = max_slots or max_slots_per_layer(budget, uniform=False)
+    self.bytes_per_param = f.expert_bytes // config.expert_params
+    self.kv_bytes_per_value = f.block_bytes // (
+        f.block_size * cost.kv_bytes_per_token(config, 1))
+    if (config.expert_bytes(self.bytes_per_param) != f.expert_bytes or
+        f.block_size * cost.kv_bytes_per_token(
+            config, self.kv_bytes_per_value) != f.block_bytes):
+      raise ValueError(f"the budget's sizes (expert {f.expert_bytes}, block "
+                       f"{f.block_bytes} bytes) are not {config.name}'s.")
+    self.samples: collections.OrderedDict = collections.OrderedDict()
+    self.max_samples = max_samples
+    self.curves: RoutingCurves | None = None
+    self.last_gain: float | None = None
+
+  def _update_curves(self, window: Sequence[Observation]) -> None:
+    steps = [o for o in window if o.needed is not None and o.batch > 0]
+    if not steps:
+      return
+    masks = np.stack([o.needed for o in steps])
+    level = float(np.mean([o.batch for o in steps]))
+    if self.curves is None:
+      curve = mrc.mattson(masks)
+      self.curves = RoutingCurves(
+          concurrency=np.array([level]),
+          misses_per_step=(curve.misses / curve.num_steps)[None],
+          references_per_step=(curve.references / curve.num_steps)[None],
+          top_k=self.config.top_k, source="observed online")
+    else:
+      self.curves = online.update_curves(self.curves, masks, level,
+                                         self.curve_weight)
+
+  def workload(self, window: Sequence[Observation]) -> Workload | None:
+    """The workload the window shows (None before any routing is seen)."""
+    self._update_curves(window)
+    for o in window:
+      for request_id, lengths in o.lengths.items():
+        self.samples[request_id] = lengths
+        self.samples.move_to_end(request_id)
+    while len(self.samples) > self.max_samples:
+      self.samples.popitem(last=False)
+    if self.curves is None or not self.samples:
+      return None
+    prompts, outputs = np.array(list(self.samples.values())).T
+    wanting = max(o.batch + o.waiting for o in window)
+    return Workload(model=self.config, hardware=self.hardware,
+                    prompt_lens=prompts, output_lens=outputs,
+                    concurrency=int(np.clip(wanting, 1, self.max_batch)),
+                    curves=self.curves, bytes_per_param=self.bytes_per_param,
+                    kv_bytes_per_value=self.kv_bytes_per_value,
+                    block_size=self.sizes.block_size, name="online")
+
+  def decide(self, current: Split, window: Sequence[Observation]) -> Split:
+    """The split after `window` (observed under `current`)."""
+    workload = self.workload(window)
+    if workload is None:
+      return current
+    # The same pageable bytes as the engine's budget.
+    budget = alloc_sim.Budget(self.budget.free_bytes + workload.dense_bytes)
+    chosen, self.last_gain = online.mv_split(
+        workload, budget,
+        alloc_sim.Split(current.slots_per_layer, current.kv_blocks),
+        self.dead_zone)
+    if chosen.slots_per_layer == current.slots_per_layer and (
+        chosen.kv_blocks == current.kv_blocks):
+      return current
+    return fit(Split(chosen.slots_per_layer, chosen.kv_blocks), self.budget,
+               self.max_slots, self.kv_granule)
+
+
+class Controller:
+  """Hooks a rule into an engine: `engine.run(requests, controller.on_step)`.
+
+  Attributes:
+    history: one dict per resize (step, splits, preempted requests, slot
+      rows moved and evicted, used bytes of every split passed through,
+      seconds), after one for the initial split.
+  """
+
+  def __init__(self, engine, rule, window: int = 16,
+               barrier: str = "preempt"):
+    if window < 1:
+      raise ValueError(f"window must be >= 1 step, got {window}.")
+    if barrier not in BARRIERS:
+      raise ValueError(f"barrier must be one of {BARRIERS}, got {barrier!r}.")
+    if engine.budget is None:
+      raise BudgetError("the controller needs an engine built with a "
+                        "DeviceBudget.")
+    self.engine, self.rule = engine, rule
+    self.window, self.barrier = window, barrier
+    self._observed: list[Observation] = []
+    self.pending: Split | None = None
+    self.history: list[dict[str, Any]] = [self._entry(engine.split, {})]
+
+  def _entry(self, split: Split, extra: dict) -> dict[str, Any]:
+    return {"step": self.engine.step_count,
+            "slots_per_layer": list(split.slots_per_layer),
+            "kv_blocks": split.kv_blocks, **extra}
+
+  def on_step(self, record: dict[str, Any]) -> None:
+    """Observes a step; decides at the end of a window; resizes at the
+    barrier."""
+    engine = self.engine
+    if self.pending is not None:  # draining: observations are not typical
+      if not engine.num_running:
+        self._resize(self.pending, 0)
+      return
+    self._observed.append(observe(engine, record))
+    if len(self._observed) < self.window:
+      return
+    chosen = self.rule.decide(engine.split, self._observed)
+    self._observed = []
+    if chosen == engine.split:
+      return
+    if self.barrier == "preempt" or not engine.num_running:
+      self._resize(chosen, engine.drain())
+    else:
+      self.pending = chosen
+      engine.admission_paused = True
+
+  def _resize(self, split: Split, preempted: int) -> None:
+    engine = self.engine
+    started = time.perf_counter()
+    old = engine.split
+    done = engine.resize(split)
+    budget = engine.budget
+    used = [budget.usage(s)["used_bytes"] for s in [old] + done["phases"]]
+    # The invariant, at every moment of the resize.
+    assert max(used) <= budget.total_bytes, (used, budget.total_bytes)
+    self.pending = None
+    engine.admission_paused = False
+    self._observed = []
+    self.history.append(self._entry(split, {
+        "from": {"slots_per_layer": list(old.slots_per_layer),
+                 "kv_blocks": old.kv_blocks},
+        "preempted": preempted, "slots_moved": done["moved"],
+        "slots_evicted": done["evicted"], "used_bytes": used,
+        "budget_bytes": budget.total_bytes,
+        "seconds": time.perf_counter() - started}))
