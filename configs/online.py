@@ -68,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.controller = ml_collections.ConfigDict()
   config.controller.rules = ("step_curve", "mv")
   config.controller.initial_slots = 4
-  config.controller.window = 16
+  config.controller.window = 16  # steps between step-curve decisions
+  config.controller.mv_window = 32  # MV re-solves (~30 ms each) less often
   config.controller.barrier = "preempt"  # or "finish"
   config.controller.headroom = 0.2
   config.controller.dead_zone = 0.1  # step-curve: relative KV change
@@ -93,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.budget.workspace_mib = 0.0
     config.fixed_slots = (2, 4, 6)
     config.controller.window = 8
+    config.controller.mv_window = 8
     config.controller.kv_granule = 9
     config.phases = [
         _phase("long", 6, (120, 200), (16, 24), 0.1, 1),

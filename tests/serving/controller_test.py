@@ -219,3 +219,19 @@ def test_mv_rule_follows_locality_and_waiting_requests(tiny_model):
   chosen, rule = decide(slot_heavy, 6, waiting)
   assert chosen.kv_blocks > 16 and sum(chosen.slots_per_layer) < 12
   assert rule.last_gain > 0.05
+
+
+def test_controller_refuses_what_it_cannot_serve(tiny_model):
+  budget = _budget(tiny_model)
+  fifo = Engine(tiny_model, budget, WIDE.slots_per_layer, WIDE.kv_blocks,
+                policy="fifo", **ENGINE)
+  rule = ctl.MVRule(budget, tiny_model.config, TOY, max_batch=2)
+  with pytest.raises(ValueError, match="last_use.*'fifo'"):
+    ctl.Controller(fifo, rule)
+  with pytest.raises(BudgetError, match="DeviceBudget"):
+    ctl.Controller(Engine(tiny_model, None, 4, 16, **ENGINE), rule)
+  # A budget without room for the KV floor and top_k slots per layer.
+  tight = DeviceBudget(budget.footprint.dense_bytes + 16 * 2560, 0,
+                       budget.footprint)
+  with pytest.raises(BudgetError, match="KV floor 16 blocks"):
+    ctl.max_slots_per_layer(tight)

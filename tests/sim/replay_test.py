@@ -235,7 +235,7 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="hot_set layer 0"):
     replay.replay(trace, "pinned", 1, hot_set=[[0, 1]])
   with pytest.raises(ValueError, match=r"num_slots=1 must lie in \[max "
-                     "capacity 2, E=4\]"):
+                     r"capacity 2, E=4\]"):
     replay.replay(trace, "lru", 2, num_slots=1)
   with pytest.raises(ValueError, match="RoutingTrace"):
     replay.replay(trace.needed_masks(), "lru", 2)

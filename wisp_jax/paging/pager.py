@@ -253,11 +253,19 @@ def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
   # last; the others go first in groups that fit, resident ones first so
   # they are used before anything can evict them.
   cap = ls.capacity
-  # Needed experts first, most worth keeping first.
-  rank_in_needed = rank_before((needed, -keep_rank))
+  # Rank among the needed, most worth keeping first: O(E) through the
+  # permutation keep_rank (rank_in_needed is only read where needed).
+  order = jnp.zeros((num_experts,), jnp.int32).at[keep_rank].set(
+      jnp.arange(num_experts, dtype=jnp.int32))  # [E] ids, best first
+  rank_in_needed = (jnp.cumsum(needed[order], dtype=jnp.int32) - 1)[keep_rank]
   final = needed & (rank_in_needed < cap)
   early = needed & ~final
-  early_rank = rank_before((early, resident, -keep_rank))
+  # Resident first, then by keep_rank: a unique composite key in [0, 2E),
+  # ranked through an occupancy table.
+  composite = jnp.where(resident, 0, num_experts) + keep_rank
+  present = jnp.zeros((2 * num_experts,), jnp.int32).at[composite].max(
+      early.astype(jnp.int32))
+  early_rank = (jnp.cumsum(present) - 1)[composite]
   # Early groups keep the final group's resident experts in place while
   # that leaves them room, so overflow costs as few reloads as possible.
   final_resident = final & resident

@@ -80,13 +80,19 @@ class Observation:
   lengths: dict = dataclasses.field(default_factory=dict)
 
 
-def observe(engine, record: dict[str, Any]) -> Observation:
-  """The observation of the step `record` an engine just ran."""
+def _has_last_use(engine) -> bool:
+  state = engine.pager_state
+  return (state is not None and isinstance(state.policy_state, dict) and
+          "last_use" in state.policy_state)
+
+
+def observe(engine, record: dict[str, Any], routing: bool = True
+            ) -> Observation:
+  """The observation of the step `record` an engine just ran (with the
+  experts its decode needed if `routing`)."""
   needed = None
   state = engine.pager_state
-  if (record["batch_size"] and state is not None and
-      isinstance(state.policy_state, dict) and
-      "last_use" in state.policy_state):
+  if routing and record["batch_size"] and _has_last_use(engine):
     # The step's decode ran last, at tick - 1.
     last_use, tick = jax.device_get((state.policy_state["last_use"],
                                      state.tick))
@@ -155,6 +161,7 @@ def fit(split: Split, budget: DeviceBudget, max_slots: int,
 class StepCurveRule:
   """KV just above its peak use, the rest to uniform slots, a dead zone."""
   name = "step_curve"
+  needs_routing = False
 
   def __init__(self, budget: DeviceBudget, headroom: float = 0.2,
                dead_zone: float = 0.1, kv_granule: int = 1,
@@ -186,10 +193,11 @@ class StepCurveRule:
 class MVRule:
   """Re-estimates routing curves online and re-solves MV-WSA."""
   name = "mv"
+  needs_routing = True
 
   def __init__(self, budget: DeviceBudget, config: MoEConfig, hardware,
                max_batch: int, dead_zone: float = 0.05,
-               curve_weight: float = 0.5, max_samples: int = 256,
+               curve_weight: float = 0.5, memory_windows: int = 2,
                kv_granule: int = 1, max_slots: int | None = None):
     """Args:
       budget: the engine's budget, bound to its model.
@@ -199,7 +207,8 @@ class MVRule:
       max_batch: the engine's max batch (the most requests that run).
       dead_zone: least predicted relative gain that triggers a resize.
       curve_weight: weight of a new window's curves against the estimate.
-      max_samples: request lengths remembered for the workload.
+      memory_windows: the workload's request lengths are those of the
+        requests live in the last `memory_windows` windows.
       kv_granule: KV sizes step by this many blocks (see `fit`).
       max_slots: most slots per layer (default: what the budget allows).
     """
@@ -216,8 +225,9 @@ class MVRule:
             config, self.kv_bytes_per_value) != f.block_bytes):
       raise ValueError(f"the budget's sizes (expert {f.expert_bytes}, block "
                        f"{f.block_bytes} bytes) are not {config.name}'s.")
-    self.samples: collections.OrderedDict = collections.OrderedDict()
-    self.max_samples = max_samples
+    if memory_windows < 1:
+      raise ValueError(f"memory_windows must be >= 1, got {memory_windows}.")
+    self.recent: collections.deque = collections.deque(maxlen=memory_windows)
     self.curves: RoutingCurves | None = None
     self.last_gain: float | None = None
 
@@ -241,15 +251,11 @@ class MVRule:
   def workload(self, window: Sequence[Observation]) -> Workload | None:
     """The workload the window shows (None before any routing is seen)."""
     self._update_curves(window)
-    for o in window:
-      for request_id, lengths in o.lengths.items():
-        self.samples[request_id] = lengths
-        self.samples.move_to_end(request_id)
-    while len(self.samples) > self.max_samples:
-      self.samples.popitem(last=False)
-    if self.curves is None or not self.samples:
+    self.recent.append({k: v for o in window for k, v in o.lengths.items()})
+    samples = {k: v for lengths in self.recent for k, v in lengths.items()}
+    if self.curves is None or not samples:
       return None
-    prompts, outputs = np.array(list(self.samples.values())).T
+    prompts, outputs = np.array(list(samples.values())).T
     wanting = max(o.batch + o.waiting for o in window)
     return Workload(model=self.config, hardware=self.hardware,
                     prompt_lens=prompts, output_lens=outputs,
@@ -294,6 +300,12 @@ class Controller:
     if engine.budget is None:
       raise BudgetError("the controller needs an engine built with a "
                         "DeviceBudget.")
+    self.routing = getattr(rule, "needs_routing", True)
+    if self.routing and not _has_last_use(engine):
+      raise ValueError(f"rule {getattr(rule, 'name', rule)!r} observes "
+                       "routing through the pager's last_use: use the paged "
+                       f"source with policy lru, lfu or ws, not "
+                       f"{engine.experts!r}/{engine.spec.policy!r}.")
     self.engine, self.rule = engine, rule
     self.window, self.barrier = window, barrier
     self._observed: list[Observation] = []
@@ -313,7 +325,7 @@ class Controller:
       if not engine.num_running:
         self._resize(self.pending, 0)
       return
-    self._observed.append(observe(engine, record))
+    self._observed.append(observe(engine, record, self.routing))
     if len(self._observed) < self.window:
       return
     chosen = self.rule.decide(engine.split, self._observed)

@@ -102,8 +102,10 @@ def serve_phases(model, config, budget: DeviceBudget, phases, split: Split,
                   e.block_size, e.max_batch, policy=e.policy,
                   min_prefill_bucket=e.min_prefill_bucket,
                   num_slots=ctl.max_slots_per_layer(budget, uniform=False))
-  control = (ctl.Controller(engine, rule, config.controller.window,
-                            config.controller.barrier) if rule else None)
+  cc = config.controller
+  window = cc.mv_window if isinstance(rule, ctl.MVRule) else cc.window
+  control = (ctl.Controller(engine, rule, window, cc.barrier) if rule
+             else None)
   records, results, bounds = [], [], []
   for phase in phases:
     first = len(records)
@@ -220,18 +222,20 @@ def run(config: ml_collections.ConfigDict,
     budget.check(split)
   start = config.controller.initial_slots
   initial = Split.make(start, budget.max_kv_blocks(start), c.num_layers)
-  hardware = None
+  # The MV rule's cost model, from a compiled run of the first fixed split.
+  first = next(iter(fixed.values()))
+  serve_phases(model, config, budget, phases, first)
+  hardware = calibrate(model, serve_phases(model, config, budget, phases,
+                                           first)["records"],
+                       transfer_s, budget)
+  logging.info("calibrated cost model: %s", hardware)
   runs, traces_before_timed = {}, None
-  # Warm-up pass (compiles; the first fixed run also calibrates the MV
-  # rule's cost model), then the timed pass.
+  # Warm-up pass (compiles every step), then the timed pass.
   for timed in (False, True):
     if timed:
       traces_before_timed = sum(batch_step.TRACE_COUNTS.values())
     for name, split in fixed.items():
       result = serve_phases(model, config, budget, phases, split)
-      if hardware is None:
-        hardware = calibrate(model, result["records"], transfer_s, budget)
-        logging.info("calibrated cost model: %s", hardware)
       if timed:
         runs[name] = ("fixed", split, result)
       logging.info("%s %s: %s", "timed" if timed else "warm-up", name,

@@ -270,7 +270,7 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
 
   Raises:
     ValueError: unknown policy or batching, a capacity outside [1, E], a
-      bad hot set.
+      bad hot set, num_slots or chunk_steps.
   """
   if not isinstance(trace, RoutingTrace):
     raise ValueError(f"replay needs a RoutingTrace, got {type(trace)}; load "
@@ -287,6 +287,8 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
   if cap.min() < 1 or cap.max() > num_experts:
     raise ValueError(f"capacity must lie in [1, E={num_experts}] slots per "
                      f"layer, got {cap.tolist()}; clamp it to that range.")
+  if chunk_steps is not None and chunk_steps < 1:
+    raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}.")
   ordinals = step_ordinals(trace, batching)
   num_steps = int(ordinals[-1]) + 1 if ordinals.size else 0
   if num_slots is None:
@@ -313,8 +315,6 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
                    if hot_set is not None else np.zeros(num_layers, np.int64))
   ls = _layer_states(state)
 
-  if chunk_steps is not None and chunk_steps < 1:
-    raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}.")
   chunk = int(chunk_steps or default_chunk_steps(num_steps, num_layers,
                                                  num_experts))
   starts = list(range(0, num_steps, chunk))
