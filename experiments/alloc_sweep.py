@@ -4,25 +4,8 @@ r"""MV-WSA vs oracle vs fixed splits; see configs/alloc_sweep.py.
       --workdir=workdirs/alloc_sweep
 """
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
+from wisp_jax import launch
 from wisp_jax.alloc import sweep
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Sweep config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  sweep.run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  launch.main(sweep.run)

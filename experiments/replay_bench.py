@@ -23,7 +23,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging

@@ -4,17 +4,10 @@ r"""Replays a routing trace and predicts decode speed; see configs/simulate.py.
       --workdir=workdirs/simulate
 """
 
-from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from wisp_jax import launch
 from wisp_jax.sim import simulate
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Simulation config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fmt(value) -> str:
@@ -26,11 +19,7 @@ def _fmt_bytes(value: int) -> str:
           else f"{value / 2**20:.2f} MiB")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  summary = simulate.run(_CONFIG.value, _WORKDIR.value)
+def report(summary: dict, workdir: str) -> None:
   caps = summary["capacities"]
   logging.info("trace: %s (%d events)", summary["trace"]["source"],
                summary["trace"]["num_events"])
@@ -49,8 +38,8 @@ def main(argv):
                  _fmt(modes["paged"]["tokens_per_s"]),
                  modes["paged"]["slots_per_layer"])
   logging.info("wrote %s/summary.json, hit_rate.png, tokens_per_s.png",
-               _WORKDIR.value)
+               workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.main(simulate.run, report)
