@@ -43,6 +43,7 @@ import numpy as np
 
 from wisp_jax.alloc import online
 from wisp_jax.alloc import simulate as alloc_sim
+from wisp_jax.alloc import solver
 from wisp_jax.alloc.curves import RoutingCurves
 from wisp_jax.alloc.workload import Workload
 from wisp_jax.models.config import MoEConfig
@@ -198,7 +199,8 @@ class MVRule:
   def __init__(self, budget: DeviceBudget, config: MoEConfig, hardware,
                max_batch: int, dead_zone: float = 0.05,
                curve_weight: float = 0.5, memory_windows: int = 2,
-               kv_granule: int = 1, max_slots: int | None = None):
+               kv_granule: int = 1, max_slots: int | None = None,
+               uniform: bool = False):
     """Args:
       budget: the engine's budget, bound to its model.
       config: the model's config.
@@ -211,12 +213,15 @@ class MVRule:
         requests live in the last `memory_windows` windows.
       kv_granule: KV sizes step by this many blocks (see `fit`).
       max_slots: most slots per layer (default: what the budget allows).
+      uniform: one cap for every layer (WiSP's) instead of MV-WSA's
+        per-layer caps: fewer, larger moves when the curves are noisy.
     """
     f = self.sizes = _sizes(budget)
     self.budget, self.config, self.hardware = budget, config, hardware
     self.max_batch, self.dead_zone = max_batch, dead_zone
     self.curve_weight, self.kv_granule = curve_weight, kv_granule
-    self.max_slots = max_slots or max_slots_per_layer(budget, uniform=False)
+    self.uniform = uniform
+    self.max_slots = max_slots or max_slots_per_layer(budget, uniform)
     self.bytes_per_param = f.expert_bytes // config.expert_params
     self.kv_bytes_per_value = f.block_bytes // (
         f.block_size * cost.kv_bytes_per_token(config, 1))
@@ -271,10 +276,14 @@ class MVRule:
       return current
     # The same pageable bytes as the engine's budget.
     budget = alloc_sim.Budget(self.budget.free_bytes + workload.dense_bytes)
-    chosen, self.last_gain = online.mv_split(
-        workload, budget,
-        alloc_sim.Split(current.slots_per_layer, current.kv_blocks),
-        self.dead_zone)
+    now = alloc_sim.Split(current.slots_per_layer, current.kv_blocks)
+    if self.uniform:  # online.mv_split, with uniform caps
+      best = solver.solve(workload, budget, uniform=True)
+      self.last_gain = best.tokens_per_s / solver.predict(workload, now) - 1
+      chosen = best.split if self.last_gain > self.dead_zone else now
+    else:
+      chosen, self.last_gain = online.mv_split(workload, budget, now,
+                                               self.dead_zone)
     if chosen.slots_per_layer == current.slots_per_layer and (
         chosen.kv_blocks == current.kv_blocks):
       return current
@@ -345,8 +354,10 @@ class Controller:
     done = engine.resize(split)
     budget = engine.budget
     used = [budget.usage(s)["used_bytes"] for s in [old] + done["phases"]]
-    # The invariant, at every moment of the resize.
-    assert max(used) <= budget.total_bytes, (used, budget.total_bytes)
+    # The invariant, at every moment of the resize (shrink, then grow).
+    if max(used) > budget.total_bytes:
+      raise BudgetError(f"resize {old} -> {split} passed through {used} "
+                        f"bytes; the budget is {budget.total_bytes}.")
     self.pending = None
     engine.admission_paused = False
     self._observed = []

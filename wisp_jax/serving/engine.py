@@ -298,12 +298,14 @@ class Engine:
         live.blocks = live.blocks + self.allocator.alloc(1)
       i += 1
 
-  def _decode(self) -> int:
-    """One decode step over the running requests; returns its batch size."""
+  def _decode(self) -> tuple[int, int]:
+    """One decode step over the running requests; returns its batch size
+    and the key positions its rows read."""
     self._reserve_decode_blocks()
     if not self._running:
-      return 0
+      return 0, 0
     running = list(self._running)
+    context = sum(live.kv_len + 1 for live in running)
     batch = batch_step.bucket_for(len(running), self.batch_buckets)
     rows = [self._row(live, [live.generated[-1]], live.kv_len)
             for live in running]
@@ -312,7 +314,7 @@ class Engine:
       live.kv_len += 1
       if self._append(live, token):
         self._running.remove(live)
-    return len(running)
+    return len(running), context
 
   def step(self) -> dict[str, Any]:
     """Admits, prefills and decodes once; returns the step's metrics."""
@@ -329,7 +331,7 @@ class Engine:
       live = self._waiting.popleft()
       self._finish_error(live.result, "the request does not fit in the KV "
                          f"pool of {self.allocator.num_blocks} blocks.")
-    batch = self._decode()
+    batch, context = self._decode()
     step_peak = self.allocator.peak_in_use
     self.allocator.peak_in_use = max(peak_before, step_peak)
     traffic = (self._counters - before).sum(axis=1)
@@ -339,6 +341,7 @@ class Engine:
         "batch_bucket": (batch_step.bucket_for(batch, self.batch_buckets)
                          if batch else 0),
         "prefills": prefills, "prefill_tokens": prefill_tokens,
+        "decode_context_tokens": context,
         "queue_length": len(self._waiting), "running": len(self._running),
         "kv_blocks": self.allocator.num_blocks,
         "slots_per_layer": list(self.split.slots_per_layer),

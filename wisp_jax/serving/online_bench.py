@@ -6,10 +6,12 @@ budget leaves), the step-curve controller and the MV controller (both start
 from `controller.initial_slots`). Every configuration runs twice: a warm-up
 run compiles every step it needs (controllers decide from step-indexed
 observations, so the timed run repeats the same resizes), then the timed
-run. Writes to `workdir`: `config.json`, `metrics.jsonl` (one line per step
-of every timed run, tagged with the configuration and phase),
-`summary.json` (throughput per phase and overall, measured and modeled; the
-best fixed split; resizes) and `split_over_time.png`.
+run. Throughput is modeled: each executed step priced by `sim.cost` on
+`config.hardware`; CPU wall time is reported too. Writes to `workdir`:
+`config.json`, `metrics.jsonl` (one line per step of every timed run,
+tagged with configuration and phase), `summary.json` (throughput per phase
+and overall, the best fixed split, the controllers' ratios to it, resizes)
+and `split_over_time.png`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from wisp_jax.serving import serve
 from wisp_jax.serving import workload as workload_lib
 from wisp_jax.serving.budget import DeviceBudget, Split
 from wisp_jax.serving.engine import Engine, Request
+from wisp_jax.models.config import MoEConfig
 from wisp_jax.sim import cost
+from wisp_jax.sim.hardware import get_profile
 
 MIB = 2**20
 
@@ -61,26 +65,28 @@ def make_budget(config, model) -> DeviceBudget:
   return DeviceBudget(total, int(b.workspace_mib * MIB), bound.footprint)
 
 
-def calibrate(model, records: list[dict], transfer_s: float,
-              budget: DeviceBudget) -> dict[str, Any]:
-  """A `sim.hardware` profile matching the measured steps of a run: the
-  step overhead is the median decode step, the FLOP/s those of prefill,
-  the host link moves one expert in `transfer_s`."""
-  c = model.config
-  decode = [r["step_s"] for r in records
-            if r["prefills"] == 0 and r["batch_size"] > 0]
-  overhead = float(np.median(decode))
-  per_token = [(r["step_s"] - overhead) / r["prefill_tokens"]
-               for r in records if r["prefill_tokens"] >= 64]
-  per_token = max(float(np.median(per_token)) if per_token else 1e-4, 1e-7)
-  return {"name": "calibrated", "step_overhead_s": overhead,
-          "bf16_flops": 2.0 * cost.active_param_count(c) / per_token,
-          "hbm_bytes_per_s": 1e13, "memory_bytes": budget.total_bytes,
-          "h2d_bytes_per_s": (budget.footprint.expert_bytes /
-                              max(transfer_s, 1e-9)),
-          "h2d_nominal_bytes_per_s": (budget.footprint.expert_bytes /
-                                      max(transfer_s, 1e-9)),
-          "h2d_source": f"modeled: {transfer_s * 1e3:g} ms per expert"}
+def modeled_step_s(record: dict[str, Any], config: MoEConfig, hardware,
+                   bytes_per_param: int) -> float:
+  """Seconds `sim.cost` gives an engine step on `hardware`: its prefill
+  passes (equal lengths assumed), its decode pass (the rows' mean context)
+  and the expert copies it made (not overlapped)."""
+  total = 0.0
+
+  def pass_s(phase, batch, context):
+    return cost.step_cost(config, hardware, batch=batch,
+                          context_len=max(int(round(context)), 1),
+                          mode="paged", phase=phase, misses=0,
+                          bytes_per_param=bytes_per_param).total_s
+
+  if record["prefills"]:
+    total += record["prefills"] * pass_s(
+        "prefill", 1, record["prefill_tokens"] / record["prefills"])
+  if record["batch_size"]:
+    total += pass_s("decode", record["batch_size"],
+                    record["decode_context_tokens"] / record["batch_size"])
+  one_expert = cost.expert_bytes(config, bytes_per_param)
+  return total + record["pager_loads"] * one_expert / (
+      get_profile(hardware).h2d_bytes_per_s)
 
 
 def _rule(name: str, config, model, budget, hardware):
@@ -89,8 +95,8 @@ def _rule(name: str, config, model, budget, hardware):
     return ctl.StepCurveRule(budget, cc.headroom, cc.dead_zone, cc.kv_granule)
   if name == "mv":
     return ctl.MVRule(budget, model.config, hardware, config.engine.max_batch,
-                      cc.mv_dead_zone, cc.curve_weight,
-                      kv_granule=cc.kv_granule)
+                      cc.mv_dead_zone, cc.curve_weight, cc.memory_windows,
+                      kv_granule=cc.kv_granule, uniform=cc.mv_uniform)
   raise ValueError(f"unknown controller rule {name!r}; use step_curve or mv.")
 
 
@@ -125,30 +131,27 @@ def serve_phases(model, config, budget: DeviceBudget, phases, split: Split,
           "preemptions": engine.num_preemptions}
 
 
-def _tally(run: dict, phase_names, transfer_s: float) -> dict[str, Any]:
-  """Tokens and seconds per phase and overall (measured and modeled)."""
-  out = {}
-  resize_s = {}
-  for entry in run["history"][1:]:
-    resize_s[entry["step"] - 1] = entry["seconds"]
-  totals = np.zeros(4)
+def _tally(run: dict, phase_names, step_s) -> dict[str, Any]:
+  """Tokens and seconds per phase and overall: modeled (`step_s(record)`
+  summed over steps) and measured (CPU wall time, controller included)."""
+  out, totals = {}, np.zeros(4)
   for name, (lo, hi, wall), results in zip(phase_names, run["bounds"],
                                            run["results"]):
-    recs = run["records"][lo:hi]
-    tokens = sum(r["batch_size"] + r["prefills"] for r in recs)
+    records = run["records"][lo:hi]
+    tokens = sum(r["batch_size"] + r["prefills"] for r in records)
     assert tokens == sum(len(r.tokens) for r in results)
-    loads = sum(r["pager_loads"] for r in recs)
-    steps_s = sum(r["step_s"] + resize_s.get(r["step"], 0.0) for r in recs)
-    modeled = wall + loads * transfer_s
-    out[name] = {"tokens": tokens, "steps": len(recs), "wall_s": wall,
-                 "step_s": steps_s, "modeled_s": modeled,
-                 "expert_loads": loads, "tokens_per_s": tokens / wall,
-                 "modeled_tokens_per_s": tokens / modeled}
-    totals += (tokens, wall, modeled, loads)
-  out["overall"] = {"tokens": int(totals[0]), "wall_s": totals[1],
-                    "modeled_s": totals[2], "expert_loads": int(totals[3]),
-                    "tokens_per_s": totals[0] / totals[1],
-                    "modeled_tokens_per_s": totals[0] / totals[2]}
+    loads = sum(r["pager_loads"] for r in records)
+    modeled = sum(step_s(r) for r in records)
+    out[name] = {"tokens": tokens, "steps": len(records),
+                 "modeled_s": modeled, "cpu_wall_s": wall,
+                 "expert_loads": loads, "tokens_per_s": tokens / modeled,
+                 "cpu_tokens_per_s": tokens / wall}
+    totals += (tokens, modeled, wall, loads)
+  tokens, modeled, wall, loads = totals
+  out["overall"] = {"tokens": int(tokens), "modeled_s": modeled,
+                    "cpu_wall_s": wall, "expert_loads": int(loads),
+                    "tokens_per_s": tokens / modeled,
+                    "cpu_tokens_per_s": tokens / wall}
   return out
 
 
@@ -209,12 +212,13 @@ def run(config: ml_collections.ConfigDict,
   budget = make_budget(config, model)
   phases = make_phases(config, c.vocab_size)
   names = [p.name for p in config.phases]
-  transfer_s = config.transfer_ms_per_expert * 1e-3
+  hardware = get_profile(config.hardware)
+  bytes_per_param = budget.footprint.expert_bytes // c.expert_params
   logging.info("model %s (%s); budget %d bytes (free %d): expert %d bytes, "
-               "KV block %d bytes; phases %s", c.name, origin,
-               budget.total_bytes, budget.free_bytes,
+               "KV block %d bytes; phases %s; time modeled on %s", c.name,
+               origin, budget.total_bytes, budget.free_bytes,
                budget.footprint.expert_bytes, budget.footprint.block_bytes,
-               {n: len(p) for n, p in zip(names, phases)})
+               {n: len(p) for n, p in zip(names, phases)}, hardware.name)
   fixed = {f"fixed-{s}": Split.make(s, budget.max_kv_blocks(s),
                                     c.num_layers)
            for s in config.fixed_slots}
@@ -222,87 +226,81 @@ def run(config: ml_collections.ConfigDict,
     budget.check(split)
   start = config.controller.initial_slots
   initial = Split.make(start, budget.max_kv_blocks(start), c.num_layers)
-  # The MV rule's cost model, from a compiled run of the first fixed split.
-  first = next(iter(fixed.values()))
-  serve_phases(model, config, budget, phases, first)
-  hardware = calibrate(model, serve_phases(model, config, budget, phases,
-                                           first)["records"],
-                       transfer_s, budget)
-  logging.info("calibrated cost model: %s", hardware)
-  runs, traces_before_timed = {}, None
-  # Warm-up pass (compiles every step), then the timed pass.
-  for timed in (False, True):
-    if timed:
-      traces_before_timed = sum(batch_step.TRACE_COUNTS.values())
-    for name, split in fixed.items():
-      result = serve_phases(model, config, budget, phases, split)
-      if timed:
-        runs[name] = ("fixed", split, result)
-      logging.info("%s %s: %s", "timed" if timed else "warm-up", name,
-                   {n: round(b[2], 2) for n, b in zip(names,
-                                                      result["bounds"])})
-    for rule_name in config.controller.rules:
-      rule = _rule(rule_name, config, model, budget, hardware)
-      result = serve_phases(model, config, budget, phases, initial, rule)
-      if timed:
-        runs[rule_name] = ("controller", initial, result)
-      logging.info("%s %s: %d resizes, %s", "timed" if timed else "warm-up",
-                   rule_name, len(result["history"]) - 1,
+  configurations = [(n, "fixed", s, None) for n, s in fixed.items()] + [
+      (n, "controller", initial, n) for n in config.controller.rules]
+  runs, traces_before_timed = {}, 0
+  # A warm-up pass compiles every step; the timed pass repeats it.
+  for timed in (False, True) if config.warmup else (True,):
+    traces_before_timed = sum(batch_step.TRACE_COUNTS.values())
+    for name, kind, split, rule in configurations:
+      if rule is not None:
+        rule = _rule(rule, config, model, budget, hardware)
+      result = serve_phases(model, config, budget, phases, split, rule)
+      runs[name] = (kind, split, result)
+      logging.info("%s %s: %d resizes, CPU seconds %s",
+                   "timed" if timed else "warm-up", name,
+                   len(result["history"][1:]),
                    {n: round(b[2], 2) for n, b in zip(names,
                                                       result["bounds"])})
   new_traces = sum(batch_step.TRACE_COUNTS.values()) - traces_before_timed
 
+  def step_s(record):
+    return modeled_step_s(record, c, hardware, bytes_per_param)
+
   reference = next(iter(runs.values()))[2]
   summary_runs = {}
-  metrics = open(out / "metrics.jsonl", "w")
-  for name, (kind, split, result) in runs.items():
-    tally = _tally(result, names, transfer_s)
-    starts = [result["records"][lo]["step"] if lo < hi else None
-              for lo, hi, _ in result["bounds"]]
-    summary_runs[name] = {
-        "kind": kind, "initial_split": {"slots_per_layer": list(
-            split.slots_per_layer), "kv_blocks": split.kv_blocks},
-        **tally, "resizes": result["history"][1:],
-        "preemptions": result["preemptions"],
-        "hit_rate": result["pager"]["hit_rate"],
-        "same_tokens_as_first_run": _same_tokens(result, reference),
-        "timeline": _timeline(result), "phase_starts": starts}
-    for i, (lo, hi, _) in enumerate(result["bounds"]):
-      for record in result["records"][lo:hi]:
-        metrics.write(json.dumps({"run": name, "phase": names[i],
-                                  **record}) + "\n")
-  metrics.close()
+  with open(out / "metrics.jsonl", "w") as metrics:
+    for name, (kind, split, result) in runs.items():
+      summary_runs[name] = {
+          "kind": kind, "initial_split": {
+              "slots_per_layer": list(split.slots_per_layer),
+              "kv_blocks": split.kv_blocks},
+          **_tally(result, names, step_s), "resizes": result["history"][1:],
+          "preemptions": result["preemptions"],
+          "hit_rate": result["pager"]["hit_rate"],
+          "same_tokens_as_first_run": _same_tokens(result, reference),
+          "timeline": _timeline(result),
+          "phase_starts": [result["records"][lo]["step"] if lo < hi else None
+                           for lo, hi, _ in result["bounds"]]}
+      for phase, (lo, hi, _) in zip(names, result["bounds"]):
+        for record in result["records"][lo:hi]:
+          metrics.write(json.dumps({"run": name, "phase": phase,
+                                    "modeled_step_s": step_s(record),
+                                    **record}) + "\n")
 
-  def best(metric, phase):
-    fixed_runs = [n for n, r in summary_runs.items() if r["kind"] == "fixed"]
-    return max(fixed_runs, key=lambda n: summary_runs[n][phase][metric])
-
+  fixed_names = list(fixed)
   comparison = {}
-  for metric in ("modeled_tokens_per_s", "tokens_per_s"):
-    top = best(metric, "overall")
+  for metric in ("tokens_per_s", "cpu_tokens_per_s"):
+    def best(phase, metric=metric):
+      return max(fixed_names, key=lambda n: summary_runs[n][phase][metric])
+    top = best("overall")
     comparison[metric] = {
         "best_fixed": top,
-        "best_fixed_per_phase": {p: best(metric, p) for p in names},
+        "best_fixed_per_phase": {p: best(p) for p in names},
         "controller_over_best_fixed": {
-            n: r["overall"][metric] / summary_runs[top]["overall"][metric]
-            for n, r in summary_runs.items() if r["kind"] == "controller"}}
+            n: summary_runs[n]["overall"][metric] /
+               summary_runs[top]["overall"][metric]
+            for n in config.controller.rules},
+        "controller_over_best_fixed_per_phase": {
+            n: {p: summary_runs[n][p][metric] /
+                   summary_runs[best(p)][p][metric] for p in names}
+            for n in config.controller.rules}}
   summary = {"model": c.name, "model_origin": origin,
              "budget": {"total_bytes": budget.total_bytes,
                         "free_bytes": budget.free_bytes,
                         "expert_bytes": budget.footprint.expert_bytes,
                         "block_bytes": budget.footprint.block_bytes},
-             "transfer_s_per_expert": transfer_s, "hardware": hardware,
-             "phases": names, "comparison": comparison,
+             "hardware": dataclasses.asdict(hardware), "phases": names,
+             "comparison": comparison,
              "new_traces_in_timed_runs": new_traces, "runs": summary_runs}
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   _plot(out / "split_over_time.png", summary)
   for name, r in summary_runs.items():
-    logging.info("%-12s %s | overall %.1f tok/s modeled, %.1f measured; "
-                 "%d resizes, %d preemptions, hit rate %.3f", name,
-                 " ".join(f"{p} {r[p]['modeled_tokens_per_s']:.1f}"
-                          for p in names),
-                 r["overall"]["modeled_tokens_per_s"],
-                 r["overall"]["tokens_per_s"], len(r["resizes"]),
+    logging.info("%-12s modeled tok/s: %s, overall %.1f (CPU %.1f); %d "
+                 "resizes, %d preemptions, hit rate %.3f", name,
+                 " ".join(f"{p} {r[p]['tokens_per_s']:.1f}" for p in names),
+                 r["overall"]["tokens_per_s"],
+                 r["overall"]["cpu_tokens_per_s"], len(r["resizes"]),
                  r["preemptions"], r["hit_rate"])
-  logging.info("comparison: %s", comparison)
+  logging.info("comparison: %s", json.dumps(comparison, indent=1))
   return summary
