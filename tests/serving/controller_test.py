@@ -1,7 +1,6 @@
 """Tests of wisp_jax/serving/controller.py and Engine.resize."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
