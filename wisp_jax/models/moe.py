@@ -43,10 +43,6 @@ class ExpertWeights:
   def layer(self, index) -> "ExpertWeights":
     return jax.tree.map(lambda w: w[index], self)
 
-  @property
-  def num_rows(self) -> int:
-    return self.gate.shape[-3]
-
 
 def as_dtype(w: jax.Array, dtype) -> jax.Array:
   """Reads a weight stored as raw bf16 bits (`uint16`) or as numbers."""
