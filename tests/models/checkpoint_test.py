@@ -51,8 +51,10 @@ def test_round_trip_is_bit_exact(saved):
   assert restored.dtype == jnp.float32
   expected, got = _leaves(model), _leaves(restored)
   assert expected.keys() == got.keys()
-  # 3 experts; embed, final norm, lm head; 7 tensors per layer.
-  assert len(expected) == 3 + 3 + 7 * CONFIG.num_layers
+  # 3 experts; embed, final norm, lm head; 7 layer tensors stacked [L, ...].
+  assert len(expected) == 3 + 3 + 7
+  assert expected[("decoder", "layers", "attn", "q_proj")].shape[0] == (
+      CONFIG.num_layers)
   for name in expected:
     assert got[name].dtype == expected[name].dtype, name
     assert np.array_equal(got[name], expected[name]), name
@@ -183,3 +185,41 @@ def test_unknown_memory_kind_and_integer_dtype(saved):
   # uint16 would convert values, not reinterpret bf16 bits: refused.
   with pytest.raises(checkpoint.CheckpointError, match="bitcast"):
     checkpoint.restore_experts(path, "pinned_host", jnp.uint16)
+
+
+def _save_version_1(model, path):
+  """Writes `model` in the version-1 layout (one entry per layer)."""
+  import orbax.checkpoint as ocp
+  flat = checkpoint._decoder_flat(model.decoder)
+  per_layer = {}
+  for name, value in flat.items():
+    if name.startswith("layers."):
+      for layer in range(model.config.num_layers):
+        per_layer[f"layers.{layer}.{name[7:]}"] = value[layer]
+    else:
+      per_layer[name] = value
+  experts = {n: getattr(model.experts, n)[...] for n in checkpoint.EXPERT_NAMES}
+  path.mkdir(parents=True)
+  saver = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  saver.save(path / "decoder", args=ocp.args.StandardSave(per_layer))
+  saver.save(path / "experts", args=ocp.args.StandardSave(experts))
+  meta = {"format": checkpoint.FORMAT, "version": 1, "dtype": "float32",
+          "config": {k: v for k, v in dataclasses.asdict(model.config).items()
+                     if k != "unroll_layers"}}
+  (path / "config.json").write_text(json.dumps(meta))
+
+
+def test_version_1_layout_is_stacked_on_restore(tmp_path):
+  model = MoEModel(CONFIG, rngs=nnx.Rngs(7))
+  _save_version_1(model, tmp_path / "v1")
+  restored = checkpoint.restore(tmp_path / "v1")
+  expected, got = _leaves(model), _leaves(restored)
+  assert expected.keys() == got.keys()
+  for name in expected:
+    assert np.array_equal(got[name], expected[name]), name
+  # Saving again writes the current (stacked) layout.
+  checkpoint.save(restored, tmp_path / "v2")
+  meta = json.loads((tmp_path / "v2" / "config.json").read_text())
+  assert meta["version"] == checkpoint.VERSION == 2
+  assert np.array_equal(_logits(checkpoint.restore(tmp_path / "v2")),
+                        _logits(model))

@@ -41,8 +41,8 @@ _QWEN_LIKE = get_config("tiny").replace(
 def test_dense_forward_matches_model_logits(config):
   model = MoEModel(config, rngs=nnx.Rngs(3))
   if config.qkv_bias:  # zero-initialised; make them matter
-    for layer in model.decoder.layers:
-      layer.attn.q_bias[...] = 0.1 * jnp.ones_like(layer.attn.q_bias[...])
+    attn = model.decoder.layers.attn  # stacked [L, ...]
+    attn.q_bias[...] = 0.1 * jnp.ones_like(attn.q_bias[...])
   tokens = jax.random.randint(jax.random.key(0), (2, 37), 0,
                               config.vocab_size)
   graphdef, state = nnx.split(model)
@@ -51,9 +51,8 @@ def test_dense_forward_matches_model_logits(config):
   def both(state, tokens):
     model = nnx.merge(graphdef, state)
     experts = model.experts.weights()
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    _, _, _, (routed_ids, _) = model.decoder.forward(
-        tokens, positions, None, ResidentSource(experts))
+    routed_ids = model.decoder.forward(tokens, None, None,
+                                       ResidentSource(experts)).routing_ids
     return model(tokens), routed_ids, training.dense_forward(
         model.decoder, experts, tokens)
 

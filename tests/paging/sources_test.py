@@ -15,6 +15,7 @@ from wisp_jax.models.config import get_config
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.paging import api, bank as bank_lib
 from wisp_jax.serving import generate as generate_lib
+from wisp_jax.serving import step as step_lib
 from tests.paging import reference
 
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3]]
@@ -117,8 +118,7 @@ def test_paged_bytes_far_below_static_offload(tiny_f32):
 def test_decode_step_does_not_retrace(tiny_f32, monkeypatch, experts):
   model, bank = tiny_f32
   chex.clear_trace_counter()
-  counted = jax.jit(chex.assert_max_traces(generate_lib.step_impl, n=1),
-                    static_argnums=(0, 2, 8), donate_argnums=(4, 6))
+  counted = step_lib.jit_step(chex.assert_max_traces(step_lib.step_impl, n=1))
   monkeypatch.setattr(generate_lib, "decode_step", counted)
   out = generate(model, PROMPTS, 51, experts=experts,
                  slots_per_layer=3 if experts == "paged" else None, bank=bank)
@@ -135,9 +135,10 @@ def test_compiled_step_holds_no_bank_sized_buffer():
   kv = generate_lib.KVCache.create(config.num_layers, 2, 64,
                                    config.num_kv_heads, config.head_dim,
                                    model.dtype, jnp.zeros((2,), jnp.int32))
+  sampling = generate_lib._sampling(2, 0, 0, np.zeros(2), 0.0)
   lowered = generate_lib.decode_step.lower(
-      graphdef, state, spec, arrays, carry, jnp.zeros((2, 1), jnp.int32), kv,
-      jax.random.key(0), True, jnp.float32(1.0))
+      graphdef, state, spec, arrays, carry, kv, jnp.zeros((2, 1), jnp.int32),
+      sampling)
   memory = lowered.compile().memory_analysis()
   bank_bytes = sum(w.nbytes for w in jax.tree.leaves(bank))
   assert memory.temp_size_in_bytes < bank_bytes / 8

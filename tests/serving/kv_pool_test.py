@@ -117,9 +117,8 @@ def test_forward_matches_full_sequence(tiny_model):
 
   @jax.jit
   def forward(tokens, view):
-    logits, view, _, _ = model.decoder.forward(
-        tokens, view.positions(tokens.shape[1]), view, source)
-    return logits, view.advance(tokens.shape[1])
+    out = model.decoder.forward(tokens, None, view, source)
+    return out.logits, out.kv.advance(tokens.shape[1])
 
   logits, view = forward(jnp.asarray(prompts),
                          _view(pool, table, [0, 0], lengths, [True, True]))

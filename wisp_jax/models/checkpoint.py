@@ -4,12 +4,17 @@ Layout of a checkpoint directory:
 
 ```
 path/
-  config.json   {"format": "wisp_jax.moe_checkpoint", "version": 1,
+  config.json   {"format": "wisp_jax.moe_checkpoint", "version": 2,
                  "dtype": "float32", "config": {MoEConfig fields}}
-  decoder/      orbax item: flat {"layers.0.attn.q_proj": [D, H*Dh], ...}
+  decoder/      orbax item: flat {"layers.attn.q_proj": [L, D, H*Dh], ...}
+                (the decoder layers' parameters stacked [L, ...])
   experts/      orbax item: {"gate": [L, E, D, F], "up": [L, E, D, F],
                              "down": [L, E, F, D]}
 ```
+
+Version 1 checkpoints (one entry per layer, `"layers.0.attn.q_proj":
+[D, H*Dh]`, written before the layers were stacked; the shipped default
+model is one) are read too: their per-layer tensors are stacked on restore.
 
 The experts are a separate item so a pager can restore them alone, straight
 into host memory: orbax reads into the memory kind of the target
@@ -39,7 +44,9 @@ from wisp_jax.models.config import MoEConfig
 from wisp_jax.models.transformer import MoEModel
 
 FORMAT = "wisp_jax.moe_checkpoint"
-VERSION = 1
+VERSION = 2
+# Versions `restore` reads: 1 stores each layer apart, 2 stacks them.
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 DECODER_ITEM = "decoder"
 EXPERTS_ITEM = "experts"
@@ -142,10 +149,10 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
         f"{path} is not a wisp_jax checkpoint: {CONFIG_FILE} has format "
         f"{meta.get('format') if isinstance(meta, dict) else None!r}, "
         f"expected {FORMAT!r}.")
-  if meta.get("version") != VERSION:
+  if meta.get("version") not in READABLE_VERSIONS:
     raise CheckpointError(f"{path} has checkpoint version "
                           f"{meta.get('version')!r}; this code reads "
-                          f"{VERSION}.")
+                          f"versions {list(READABLE_VERSIONS)}.")
   for item in (DECODER_ITEM, EXPERTS_ITEM):
     if not (path / item).is_dir():
       raise CheckpointError(f"checkpoint {path} lacks its {item!r} item "
@@ -298,10 +305,14 @@ def restore(path: str | os.PathLike, dtype=None,
   flat = nnx.to_flat_state(abstract_state)
   expected = {_flat_name(p[1:]): v.get_value() for p, v in flat
               if p[0] == "decoder"}
-  targets = _targets(path, DECODER_ITEM, expected, dtype, _sharding(None))
-  with _quiet():
-    decoder = _checkpointer().restore(path / DECODER_ITEM,
-                                      args=ocp.args.StandardRestore(targets))
+  if meta["version"] == 1:
+    decoder = _restore_per_layer(path, expected, dtype,
+                                 stored_config.num_layers)
+  else:
+    targets = _targets(path, DECODER_ITEM, expected, dtype, _sharding(None))
+    with _quiet():
+      decoder = _checkpointer().restore(
+          path / DECODER_ITEM, args=ocp.args.StandardRestore(targets))
   experts = restore_experts(path, expert_memory_kind, dtype)
 
   values = []
@@ -313,6 +324,38 @@ def restore(path: str | os.PathLike, dtype=None,
     values.append((p, variable.replace(value)))
   state = nnx.from_flat_state(values)
   return nnx.merge(graphdef, state)
+
+
+_LAYERS = "layers."
+
+
+def _restore_per_layer(path: pathlib.Path,
+                       expected: dict[str, jax.ShapeDtypeStruct], dtype,
+                       num_layers: int) -> dict[str, jax.Array]:
+  """Reads a version-1 decoder (`layers.<l>.<name>` per layer) and stacks
+  each layer parameter into the `[L, ...]` `layers.<name>` of version 2."""
+  per_layer = {}
+  for name, want in expected.items():
+    if name.startswith(_LAYERS):
+      rest = name[len(_LAYERS):]
+      for layer in range(num_layers):
+        per_layer[f"{_LAYERS}{layer}.{rest}"] = jax.ShapeDtypeStruct(
+            want.shape[1:], want.dtype)
+    else:
+      per_layer[name] = want
+  targets = _targets(path, DECODER_ITEM, per_layer, dtype, _sharding(None))
+  with _quiet():
+    stored = _checkpointer().restore(path / DECODER_ITEM,
+                                     args=ocp.args.StandardRestore(targets))
+  decoder = {}
+  for name in expected:
+    if name.startswith(_LAYERS):
+      rest = name[len(_LAYERS):]
+      decoder[name] = jnp.stack([stored[f"{_LAYERS}{layer}.{rest}"]
+                                 for layer in range(num_layers)])
+    else:
+      decoder[name] = stored[name]
+  return decoder
 
 
 def num_bytes(path: str | os.PathLike) -> int:

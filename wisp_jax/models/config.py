@@ -38,6 +38,9 @@ class MoEConfig:
     rms_eps: RMSNorm epsilon.
     tie_embeddings: LM head shares the embedding matrix.
     max_seq_len: longest sequence (prompt + generation) the model accepts.
+    unroll_layers: debugging only: unroll the layer loop in Python instead
+      of `jax.lax.fori_loop` over the stacked layers (same results; the
+      step's program and compile time then grow with depth).
   """
 
   name: str
@@ -59,6 +62,7 @@ class MoEConfig:
   rms_eps: float = 1e-6
   tie_embeddings: bool = False
   max_seq_len: int = 2048
+  unroll_layers: bool = False
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "num_layers", "num_heads",
@@ -137,6 +141,25 @@ PRESETS: dict[str, MoEConfig] = {
         shared_expert_gate=True, norm_topk_prob=False, qkv_bias=True,
         rope_theta=1e6, rms_eps=1e-6, max_seq_len=8192),
 }
+
+
+def _small_width(preset: str, **changes) -> MoEConfig:
+  """`preset`'s depth, expert count, top-k and block features at a width
+  a laptop runs: the pager meets real E and L in tests."""
+  real = PRESETS[preset]
+  small = dict(vocab_size=97, d_model=32, num_heads=4,
+               num_kv_heads=2 if real.num_kv_heads < real.num_heads else 4,
+               head_dim=8, expert_ffn=24, max_seq_len=512)
+  small.update(changes)
+  return real.replace(name=f"{preset}-small", **small)
+
+
+# Real geometry (L, E, K, norms, routing renormalisation), small width.
+PRESETS.update({
+    "mixtral-8x7b-small": _small_width("mixtral-8x7b"),
+    "qwen3-30b-a3b-small": _small_width("qwen3-30b-a3b"),
+    "olmoe-1b-7b-small": _small_width("olmoe-1b-7b"),
+})
 
 
 def get_config(name: str) -> MoEConfig:

@@ -264,55 +264,63 @@ def _plan(model: MoEModel, arch: _Arch, names: set[str]) -> Plan:
   if not c.tie_embeddings:
     plan.append((dec.lm_head, [_Copy("lm_head.weight", (v, d), (),
                                      _swap_last)]))
+  # The decoder layers' parameters are stacked [L, ...]: each layer's
+  # tensor lands at index (l,) of its stacked parameter.
+  layers = dec.layers
+  attn = layers.attn
+  stacked: dict[str, tuple[nnx.Variable, list[_Copy]]] = {}
+
+  def add(name: str, variable: nnx.Variable, source: str,
+          shape: tuple[int, ...], layer: int, transform=None) -> None:
+    stacked.setdefault(name, (variable, []))[1].append(
+        _Copy(source, shape, (layer,), transform))
+
   gate, up, down = [], [], []
-  for l, layer in enumerate(dec.layers):
+  for l in range(c.num_layers):
     p = f"model.layers.{l}."
     block = next((b for b in arch.moe_blocks if f"{p}{b}.gate.weight" in names),
                  arch.moe_blocks[0])
     moe = f"{p}{block}."
-    attn = layer.attn
 
-    def linear(name: str, shape: tuple[int, int], p=p) -> list[_Copy]:
-      return [_Copy(p + name, shape, (), _swap_last)]
+    def linear(name: str, variable, source: str, shape: tuple[int, int],
+               p=p, l=l) -> None:
+      add(name, variable, p + source, shape, l, _swap_last)
 
-    plan += [
-        (layer.input_norm, [_Copy(p + "input_layernorm.weight", (d,))]),
-        (layer.post_attn_norm,
-         [_Copy(p + "post_attention_layernorm.weight", (d,))]),
-        (attn.q_proj, linear("self_attn.q_proj.weight", (q_out, d))),
-        (attn.k_proj, linear("self_attn.k_proj.weight", (kv_out, d))),
-        (attn.v_proj, linear("self_attn.v_proj.weight", (kv_out, d))),
-        (attn.o_proj, linear("self_attn.o_proj.weight", (d, q_out))),
-        (layer.router, [_Copy(moe + "gate.weight", (c.num_experts, d), (),
-                              _swap_last)]),
-    ]
+    add("input_norm", layers.input_norm, p + "input_layernorm.weight", (d,), l)
+    add("post_attn_norm", layers.post_attn_norm,
+        p + "post_attention_layernorm.weight", (d,), l)
+    linear("q_proj", attn.q_proj, "self_attn.q_proj.weight", (q_out, d))
+    linear("k_proj", attn.k_proj, "self_attn.k_proj.weight", (kv_out, d))
+    linear("v_proj", attn.v_proj, "self_attn.v_proj.weight", (kv_out, d))
+    linear("o_proj", attn.o_proj, "self_attn.o_proj.weight", (d, q_out))
+    add("router", layers.router, moe + "gate.weight", (c.num_experts, d), l,
+        _swap_last)
     if c.qkv_bias:
-      plan += [(attn.q_bias, [_Copy(p + "self_attn.q_proj.bias", (q_out,))]),
-               (attn.k_bias, [_Copy(p + "self_attn.k_proj.bias", (kv_out,))]),
-               (attn.v_bias, [_Copy(p + "self_attn.v_proj.bias", (kv_out,))])]
+      add("q_bias", attn.q_bias, p + "self_attn.q_proj.bias", (q_out,), l)
+      add("k_bias", attn.k_bias, p + "self_attn.k_proj.bias", (kv_out,), l)
+      add("v_bias", attn.v_bias, p + "self_attn.v_proj.bias", (kv_out,), l)
     if c.qk_norm != "none":
       per_head = c.qk_norm == "per_head"
-      plan += [(attn.q_norm, [_Copy(p + "self_attn.q_norm.weight",
-                                    (c.head_dim,) if per_head else (q_out,))]),
-               (attn.k_norm, [_Copy(p + "self_attn.k_norm.weight",
-                                    (c.head_dim,) if per_head else (kv_out,))])]
+      add("q_norm", attn.q_norm, p + "self_attn.q_norm.weight",
+          (c.head_dim,) if per_head else (q_out,), l)
+      add("k_norm", attn.k_norm, p + "self_attn.k_norm.weight",
+          (c.head_dim,) if per_head else (kv_out,), l)
     if c.shared_ffn:
       s = c.shared_ffn
-      plan += [
-          (layer.shared_gate_proj, linear("mlp.shared_expert.gate_proj.weight",
-                                          (s, d))),
-          (layer.shared_up_proj, linear("mlp.shared_expert.up_proj.weight",
-                                        (s, d))),
-          (layer.shared_down_proj, linear("mlp.shared_expert.down_proj.weight",
-                                          (d, s))),
-      ]
+      linear("shared_gate", layers.shared_gate_proj,
+             "mlp.shared_expert.gate_proj.weight", (s, d))
+      linear("shared_up", layers.shared_up_proj,
+             "mlp.shared_expert.up_proj.weight", (s, d))
+      linear("shared_down", layers.shared_down_proj,
+             "mlp.shared_expert.down_proj.weight", (d, s))
       if c.shared_expert_gate:
-        plan.append((layer.shared_expert_gate,
-                     linear("mlp.shared_expert_gate.weight", (1, d))))
+        linear("shared_expert_gate", layers.shared_expert_gate,
+               "mlp.shared_expert_gate.weight", (1, d))
     layer_gate, layer_up, layer_down = _expert_copies(c, arch, moe, l, names)
     gate += layer_gate
     up += layer_up
     down += layer_down
+  plan += list(stacked.values())
   plan += [(model.experts.gate, gate), (model.experts.up, up),
            (model.experts.down, down)]
   return plan

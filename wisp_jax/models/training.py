@@ -1,11 +1,12 @@
 """Trains the byte-level MoE model on the stdlib corpus.
 
-Training uses a *dense-dispatch* forward: every token goes through all E
-experts of a layer as one wide matmul and the top-k gate weights, scattered
-into `[N, E]`, zero out the experts it was not routed to. On a CPU this is
-much faster than gathering K experts' weights per token, and it gives the
-same logits as `MoEModel.__call__` (tested to ~1e-6): routing, attention and
-norms are the model's own code (`moe.route`, `Attention.qkv`, `rms_norm`).
+Training uses a *dense-dispatch* forward: the decoder's own layer body
+(`Decoder.forward`) with an expert source that runs every token through all
+E experts of a layer as wide matmuls and keeps the outputs of its K routed
+experts. On a CPU this is much faster than the grouped inference product,
+it is differentiable, and it gives the logits of `MoEModel.__call__` to
+float rounding (tested to ~1e-5): routing, attention, norms and combine are
+the model's own code.
 
 Shape legend as in `wisp_jax.models.moe`.
 """
@@ -31,7 +32,7 @@ from wisp_jax.models import checkpoint
 from wisp_jax.models import moe
 from wisp_jax.models.config import MoEConfig, get_config
 from wisp_jax.models.experts import ResidentSource
-from wisp_jax.models.transformer import Decoder, MoEModel, attend, rms_norm
+from wisp_jax.models.transformer import Decoder, MoEModel
 
 # A uniform guess over 256 byte values costs 8 bits per byte.
 UNIFORM_BITS_PER_BYTE = 8.0
@@ -44,10 +45,38 @@ def model_config(config: ml_collections.ConfigDict) -> MoEConfig:
   return get_config(config.model.preset).replace(**overrides)
 
 
+class DenseDispatchSource:
+  """Training's expert source: every token through all E experts of a
+  layer (wide batched matmuls, fast on a CPU and differentiable), then the
+  outputs of its K routed experts picked out. Same layer body as inference;
+  logits equal `MoEModel.__call__`'s to float rounding (~1e-6), not bit
+  for bit."""
+
+  def __init__(self, experts: moe.ExpertWeights):
+    self.experts = experts  # [L, E, ...]
+
+  def layer(self, layer, x, ids, carry):
+    w = self.experts.layer(layer)
+    # [N, E, F]
+    hidden = jax.nn.silu(jnp.einsum("nd,edf->nef", x, w.gate)) * jnp.einsum(
+        "nd,edf->nef", x, w.up)
+    # [N, E, D]
+    every = jnp.einsum("nef,efd->ned", hidden, w.down)
+    # [N, K, D]
+    return jnp.take_along_axis(every, ids[:, :, None], axis=1), carry
+
+  def end_step(self, carry):
+    return carry
+
+
 def dense_forward(decoder: Decoder, experts: moe.ExpertWeights,
                   tokens: jax.Array) -> tuple[jax.Array, jax.Array,
                                               jax.Array]:
   """Causal forward with dense expert dispatch (training only).
+
+  Runs the decoder's own layer body (`Decoder.forward`) with a
+  `DenseDispatchSource`; the layer loop is a `fori_loop` with a static trip
+  count, which JAX differentiates as a scan.
 
   Args:
     decoder: the dense part of the model.
@@ -58,50 +87,11 @@ def dense_forward(decoder: Decoder, experts: moe.ExpertWeights,
     logits `[B, T, V]`, router probabilities `[L, N, E]` (float32) and
     the top-k expert ids `[L, N, K]`, for the load-balancing loss.
   """
-  c = decoder.config
-  b, t = tokens.shape
-  n, e = b * t, c.num_experts
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-  x = decoder.embed[...][tokens]
-  all_probs, all_ids = [], []
-  for index, layer in enumerate(decoder.layers):
-    h = rms_norm(x, layer.input_norm[...], c.rms_eps)
-    q, k, v = layer.attn.qkv(h, positions)
-    x = x + layer.attn.out(attend(q, k, v, mask))
-
-    # [N, D]
-    h = rms_norm(x, layer.post_attn_norm[...], c.rms_eps).reshape(n, -1)
-    # [N, E]
-    router_logits = h @ layer.router[...]
-    # [N, K]
-    ids, weights = moe.route(router_logits, c.top_k, c.norm_topk_prob,
-                             h.dtype)
-    # [N, E]: the K gate weights scattered to their experts, zeros elsewhere.
-    gates = jnp.einsum("nk,nke->ne", weights,
-                       jax.nn.one_hot(ids, e, dtype=weights.dtype))
-    w = experts.layer(index)
-    d, f = w.gate.shape[-2:]
-    # [E, D, F] -> [D, E*F]: all experts of the layer as one wide matmul.
-    w_gate = jnp.transpose(w.gate, (1, 0, 2)).reshape(d, e * f)
-    w_up = jnp.transpose(w.up, (1, 0, 2)).reshape(d, e * f)
-    # [E, F, D] -> [E*F, D]
-    w_down = w.down.reshape(e * f, d)
-    # [N, E, F]
-    hidden = (jax.nn.silu(h @ w_gate) * (h @ w_up)).reshape(n, e, f)
-    # Gate before the down projection: one [N, E*F] @ [E*F, D] matmul.
-    hidden = (hidden * gates[:, :, None]).reshape(n, e * f)
-    y = hidden @ w_down
-    if c.shared_ffn:
-      y = y + layer.shared_expert(h)
-    x = x + y.reshape(b, t, -1)
-    all_probs.append(jax.nn.softmax(router_logits.astype(jnp.float32), -1))
-    all_ids.append(ids)
-
-  x = rms_norm(x, decoder.final_norm[...], c.rms_eps)
-  head = decoder.embed[...].T if c.tie_embeddings else decoder.lm_head[...]
-  logits = jnp.einsum("btd,dv->btv", x, head)
-  return logits, jnp.stack(all_probs), jnp.stack(all_ids)
+  out = decoder.forward(tokens, None, None, DenseDispatchSource(experts),
+                        router_probs=True)
+  num_layers = out.routing_ids.shape[0]
+  return (out.logits, out.router_probs,
+          out.routing_ids.reshape(num_layers, -1, out.routing_ids.shape[-1]))
 
 
 def load_balancing_loss(probs: jax.Array, ids: jax.Array) -> jax.Array:
@@ -189,12 +179,10 @@ def evaluate(model: MoEModel, windows: np.ndarray, batch_size: int
   def eval_batch(state, experts, batch):
     decoder = nnx.merge(graphdef, state)
     inputs = batch[:, :-1]
-    b, t = inputs.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, _, _, (ids, _) = decoder.forward(
-        inputs, positions, None, ResidentSource(experts))
+    out = decoder.forward(inputs, None, None, ResidentSource(experts))
+    ids = out.routing_ids
     nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch[:, 1:])
+        out.logits.astype(jnp.float32), batch[:, 1:])
     # [L, E]
     counts = jnp.sum(jax.nn.one_hot(ids, c.num_experts, dtype=jnp.int32),
                      axis=(1, 2, 3))

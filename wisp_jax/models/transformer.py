@@ -8,17 +8,19 @@ host bank, a slot pool) and reach the MoE blocks through an `ExpertSource`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax import struct
 
 from wisp_jax.models import moe
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.models.experts import ExpertSource, ResidentSource
-from wisp_jax.models.kv_cache import KVCache
+from wisp_jax.models.kv_cache import CausalView, KVView
 
 
 class ExpertParam(nnx.Param):
@@ -161,8 +163,44 @@ class DecoderLayer(nnx.Module):
     return y
 
 
+@struct.dataclass
+class ForwardOutput:
+  """What one forward pass returns.
+
+  Attributes:
+    logits: `[B, T, V]` in the model dtype.
+    kv: the KV view after the pass's writes (not advanced).
+    carry: the expert source's new carry.
+    routing_ids: `[L, B, T, K]` int32 routed expert ids.
+    routing_weights: `[L, B, T, K]` gate weights.
+    router_probs: `[L, N, E]` float32 router softmax, when asked for
+      (training's load-balancing loss), else None.
+  """
+  logits: jax.Array
+  kv: Any
+  carry: Any
+  routing_ids: jax.Array
+  routing_weights: jax.Array
+  router_probs: jax.Array | None = None
+
+
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+  """One module whose every parameter is the `[L, ...]` stack of the
+  layers' parameters (MaxText's scanned layers)."""
+  graphdef, _ = nnx.split(layers[0])
+  states = [nnx.state(layer) for layer in layers]
+  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
 class Decoder(nnx.Module):
-  """Embeddings, decoder layers, final norm and LM head (no routed experts)."""
+  """Embeddings, decoder layers, final norm and LM head (no routed experts).
+
+  `layers` is one `DecoderLayer` whose parameters are stacked `[L, ...]`;
+  `forward` runs one layer body in a `jax.lax.fori_loop` over a traced
+  layer index, so a step's program (and its compile time) does not grow
+  with depth. `MoEConfig.unroll_layers` unrolls the same body in Python
+  (debugging only).
+  """
 
   def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype):
     c = config
@@ -170,7 +208,7 @@ class Decoder(nnx.Module):
     # [V, D]
     self.embed = nnx.Param(_init(rngs, (c.vocab_size, c.d_model), c.d_model,
                                  dtype))
-    self.layers = nnx.List(
+    self.layers = stack_layers(
         [DecoderLayer(c, rngs=rngs, dtype=dtype) for _ in range(c.num_layers)])
     self.final_norm = nnx.Param(jnp.ones((c.d_model,), dtype))
     if not c.tie_embeddings:
@@ -178,56 +216,79 @@ class Decoder(nnx.Module):
       self.lm_head = nnx.Param(_init(rngs, (c.d_model, c.vocab_size),
                                      c.d_model, dtype))
 
-  def forward(self, tokens: jax.Array, positions: jax.Array,
-              kv: KVCache | None, source: ExpertSource,
-              carry: Any = None) -> tuple[jax.Array, KVCache | None, Any,
-                                          tuple[jax.Array, jax.Array]]:
+  def forward(self, tokens: jax.Array, positions: jax.Array | None,
+              kv: KVView | None, source: ExpertSource, carry: Any = None, *,
+              router_probs: bool = False) -> ForwardOutput:
     """One forward pass over `T` new tokens.
 
     Args:
       tokens: `[B, T]` int token ids.
-      positions: `[B, T]` int32 RoPE positions.
-      kv: cache to read and extend, or None for plain causal attention over
-        `tokens` alone.
+      positions: `[B, T]` int32 RoPE positions, or None for
+        `kv.positions(T)`.
+      kv: the cache view to read and extend, or None for plain causal
+        attention over `tokens` alone (`CausalView`).
       source: where the routed experts come from.
       carry: the source's state.
+      router_probs: also return the router softmax of every layer.
 
     Returns:
-      logits `[B, T, V]`, the updated cache, the source's new carry, and the
-      routing seen: ids `[L, B, T, K]` int32 and gate weights `[L, B, T, K]`.
+      a `ForwardOutput`.
     """
     c = self.config
     b, t = tokens.shape
-    x = self.embed[...][tokens]
-    routed_ids, routed_weights = [], []
+    n = b * t
     if kv is None:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      mask = jnp.broadcast_to(causal, (b, t, t))
-    for layer_index, layer in enumerate(self.layers):
+      kv = CausalView(batch=b)
+    if positions is None:
+      positions = kv.positions(t)
+    layer_def, layer_params = nnx.split(self.layers)
+
+    def body(index, loop):
+      x, kv, carry, ids_all, weights_all, probs_all = loop
+      layer = nnx.merge(layer_def, jax.tree.map(lambda p: p[index],
+                                                layer_params))
       h = rms_norm(x, layer.input_norm[...], c.rms_eps)
       q, k, v = layer.attn.qkv(h, positions)
-      if kv is None:
-        attn = attend(q, k, v, mask)
-      else:
-        kv, keys, values, mask = kv.update(layer_index, k, v)
-        attn = attend(q, keys, values, mask)
-      x = x + layer.attn.out(attn)
+      kv, keys, values, mask = kv.update(index, k, v)
+      x = x + layer.attn.out(attend(q, keys, values, mask))
 
-      h = rms_norm(x, layer.post_attn_norm[...], c.rms_eps).reshape(b * t, -1)
-      ids, weights = moe.route(h @ layer.router[...], c.top_k,
-                               c.norm_topk_prob, h.dtype)
-      expert_out, carry = source(layer_index, h, ids, carry)
+      # [N, D]
+      h = rms_norm(x, layer.post_attn_norm[...], c.rms_eps).reshape(n, -1)
+      # [N, E]
+      logits = h @ layer.router[...]
+      ids, weights = moe.route(logits, c.top_k, c.norm_topk_prob, h.dtype)
+      expert_out, carry = source.layer(index, h, ids, carry)
       y = moe.combine(expert_out, weights)
       if c.shared_ffn:
         y = y + layer.shared_expert(h)
       x = x + y.reshape(b, t, -1)
-      routed_ids.append(ids.reshape(b, t, -1))
-      routed_weights.append(weights.reshape(b, t, -1))
+      ids_all = ids_all.at[index].set(ids.reshape(b, t, -1))
+      weights_all = weights_all.at[index].set(weights.reshape(b, t, -1))
+      if probs_all is not None:
+        probs_all = probs_all.at[index].set(
+            jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+      return x, kv, carry, ids_all, weights_all, probs_all
+
+    x = self.embed[...][tokens]
+    # [L, B, T, K]
+    routing = jnp.zeros((c.num_layers, b, t, c.top_k), jnp.int32)
+    loop = (x, kv, carry, routing, routing.astype(x.dtype),
+            jnp.zeros((c.num_layers, n, c.num_experts), jnp.float32)
+            if router_probs else None)
+    if c.unroll_layers:
+      for index in range(c.num_layers):
+        loop = body(index, loop)
+    else:
+      loop = jax.lax.fori_loop(0, c.num_layers, body, loop)
+    x, kv, carry, ids_all, weights_all, probs_all = loop
+    carry = source.end_step(carry)
 
     x = rms_norm(x, self.final_norm[...], c.rms_eps)
     head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("btd,dv->btv", x, head)
-    return logits, kv, carry, (jnp.stack(routed_ids), jnp.stack(routed_weights))
+    return ForwardOutput(logits=logits, kv=kv, carry=carry,
+                         routing_ids=ids_all, routing_weights=weights_all,
+                         router_probs=probs_all)
 
 
 class ExpertStore(nnx.Module):
@@ -259,11 +320,19 @@ class MoEModel(nnx.Module):
   def dtype(self):
     return self.decoder.embed[...].dtype
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Full-sequence logits `[B, T, V]` for int tokens `[B, T]`."""
+  def __call__(self, tokens) -> jax.Array:
+    """Full-sequence logits `[B, T, V]` for int tokens `[B, T]` (jitted;
+    compiles once per token shape)."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, _, _, _ = self.decoder.forward(
-        tokens, positions, None, ResidentSource(self.experts.weights()))
-    return logits
+    if tokens.ndim != 2:
+      raise ValueError(f"model(tokens) takes int tokens [B, T], got shape "
+                       f"{tokens.shape}.")
+    graphdef, state = nnx.split(self)
+    return _full_sequence_logits(graphdef, state, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_sequence_logits(graphdef, state, tokens):
+  model = nnx.merge(graphdef, state)
+  return model.decoder.forward(
+      tokens, None, None, ResidentSource(model.experts.weights())).logits

@@ -6,16 +6,14 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from wisp_jax.models import device, moe
+from wisp_jax.models import moe
 from wisp_jax.models.config import MoEConfig
+from wisp_jax.models.experts import SourceSpec
 from wisp_jax.paging import bank as bank_lib
-from wisp_jax.paging import pager
 from wisp_jax.paging.policies import get_policy
-from wisp_jax.paging.sources import (SOURCES, PagingSpec, Traffic,
-                                     copy_experts)
+from wisp_jax.paging.sources import SOURCES, spec_for
 
 
 @dataclasses.dataclass
@@ -115,28 +113,17 @@ def validate_slots(config: MoEConfig, slots_per_layer) -> np.ndarray:
   return slots.astype(np.int32)
 
 
-@jax.jit
-def _load_hot_set(bank, slots, state):
-  for layer in range(state.expert_in_slot.shape[0]):
-    occupant = state.expert_in_slot[layer]
-    count = jnp.sum(occupant >= 0, dtype=jnp.int32)
-    # Occupied slots first, so the first `count` copies are the real ones.
-    dest = pager.compact(occupant >= 0, occupant.shape[0], 0)
-    slots = copy_experts(bank, slots, layer, occupant[dest], dest, count)
-    state = state.replace(loads=state.loads.at[layer].add(count))
-  return slots, state
-
-
 def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
                 slots_per_layer=None, policy: str = "lru",
                 policy_options: dict | None = None, hot_set=None,
-                num_slots: int | None = None) -> tuple[PagingSpec, Any, Any]:
-  """Validates the request and builds (spec, bank, carry) for `generate`.
+                num_slots: int | None = None) -> tuple[SourceSpec, Any, Any]:
+  """Validates the request and builds (spec, arrays, carry) for a step.
 
   Args:
     config: the model's config.
     bank: `[L, E, ...]` host bank (`bank.make_bank`); for `resident`, the
-      model's device experts.
+      model's device experts (bf16 ones are re-stored as `uint16` bits, one
+      device copy: see `moe.as_bits`).
     experts: one of `SOURCES`.
     slots_per_layer: S (int) or per-layer capacities `[L]` (paged only).
     policy: paging policy name (paged only).
@@ -152,7 +139,10 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
                      f"{', '.join(SOURCES)}.")
   bank_lib.check_bank(bank, config)
   if experts != "paged":
-    return PagingSpec(experts), bank, Traffic.zeros(config.num_layers)
+    spec = spec_for(experts)
+    if experts == "resident":  # device experts, read as stored bits
+      bank = jax.tree.map(moe.as_bits, bank)
+    return spec, bank, spec.init_carry(config.num_layers)
   if slots_per_layer is None:
     raise ValueError("experts='paged' needs slots_per_layer (top_k <= S <= E).")
   capacity = validate_slots(config, slots_per_layer)
@@ -175,11 +165,5 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
     if hot_set.ndim == 2 and hot_set.shape[1] < num_slots:
       hot_set = np.pad(hot_set, ((0, 0), (0, num_slots - hot_set.shape[1])),
                        constant_values=-1)
-  state = pager.init_state(rule, config.num_layers, config.num_experts,
-                           num_slots, capacity, hot_set)
-  slots = jax.tree.map(
-      lambda w: device.zeros((config.num_layers, num_slots) + w.shape[2:],
-                             jnp.dtype(w.dtype)), bank)
-  if hot_set is not None:
-    slots, state = _load_hot_set(bank, slots, state)
-  return PagingSpec("paged", policy, options), bank, (slots, state)
+  spec = spec_for("paged", policy, options)
+  return spec, bank, spec.init_carry(bank, num_slots, capacity, hot_set)

@@ -29,10 +29,7 @@ def storage_dtype(dtype) -> np.dtype:
   return np.dtype(np.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
 
 
-def to_storage(w) -> jax.Array | np.ndarray:
-  if w.dtype == jnp.bfloat16:
-    return jax.lax.bitcast_convert_type(w, jnp.uint16)
-  return w
+to_storage = moe.as_bits
 
 
 def make_bank(experts: moe.ExpertWeights, memory_kind: str = HOST

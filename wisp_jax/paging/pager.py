@@ -278,25 +278,23 @@ def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
   group = jnp.where(final, num_early_groups,
                     jnp.where(early, early_rank // room, -1))
 
-  def serve(g, slot_of_expert, expert_in_slot, loads, data, protect):
+  def serve_group(carry):
+    g, slot_of_expert, expert_in_slot, loads, data = carry
+    # Early groups keep the final group's residents in place (see above).
+    keep = protect & (g < num_early_groups)
     plan, expert_in_slot = plan_chunk(slot_of_expert, expert_in_slot, cap,
-                                      keep_rank, group == g, protect)
+                                      keep_rank, group == g, keep)
     if on_chunk is not None:
       data = on_chunk(data, plan)
-    return plan.slot_of_expert, expert_in_slot, loads + plan.num_loads, data
+    return (g + 1, plan.slot_of_expert, expert_in_slot,
+            loads + plan.num_loads, data)
 
-  def early_group(carry):
-    g, *rest = carry
-    return (g + 1, *serve(g, *rest, protect))
-
-  # Overflow groups in a loop (usually zero trips); the final group outside
-  # it, so the common step computes its experts in straight-line code.
+  # Every group in one loop (usually one trip: the final group alone), so
+  # the copies and the expert computation are traced once.
   init = (jnp.zeros((), jnp.int32), ls.slot_of_expert, ls.expert_in_slot,
           jnp.zeros((), jnp.int32), data)
-  _, *carry = jax.lax.while_loop(
-      lambda carry: carry[0] < num_early_groups, early_group, init)
-  slot_of_expert, expert_in_slot, loads, data = serve(
-      num_early_groups, *carry, None)
+  _, slot_of_expert, expert_in_slot, loads, data = jax.lax.while_loop(
+      lambda carry: carry[0] <= num_early_groups, serve_group, init)
   new = ls.replace(slot_of_expert=slot_of_expert,
                    expert_in_slot=expert_in_slot, policy_state=policy_state,
                    hits=ls.hits + hits, misses=ls.misses + num_needed - hits,

@@ -96,7 +96,7 @@ def plan_layer(slot_of_expert: jax.Array, expert_in_slot: jax.Array,
           survive, dtype=jnp.int32))
 
 
-def _move_rows(slots: moe.ExpertWeights, layer: int, plan: LayerResize
+def _move_rows(slots: moe.ExpertWeights, layer, plan: LayerResize
                ) -> moe.ExpertWeights:
   """Copies slot rows `move_src -> move_dst` of `layer`, in place."""
 
@@ -116,21 +116,26 @@ def _resize(state: PagerState, slots: moe.ExpertWeights, capacity: jax.Array,
             policy_name: str, policy_options: tuple):
   policy = get_policy(policy_name, **dict(policy_options))
   num_layers, num_experts = state.slot_of_expert.shape
-  moved, evicted = [], []
-  slot_of_expert, expert_in_slot = state.slot_of_expert, state.expert_in_slot
-  for layer in range(num_layers):
+  zeros = jnp.zeros((num_layers,), jnp.int32)
+
+  def one_layer(layer, loop):
+    slots, slot_of_expert, expert_in_slot, moved, evicted = loop
     layer_policy = jax.tree.map(lambda x: x[layer], state.policy_state)
     keep = keep_rank(policy.keys(layer_policy, state.tick, None), num_experts)
     plan = plan_layer(slot_of_expert[layer], expert_in_slot[layer],
                       capacity[layer], keep)
     slots = _move_rows(slots, layer, plan)
-    slot_of_expert = slot_of_expert.at[layer].set(plan.slot_of_expert)
-    expert_in_slot = expert_in_slot.at[layer].set(plan.expert_in_slot)
-    moved.append(plan.num_moves)
-    evicted.append(plan.num_evicted)
+    return (slots, slot_of_expert.at[layer].set(plan.slot_of_expert),
+            expert_in_slot.at[layer].set(plan.expert_in_slot),
+            moved.at[layer].set(plan.num_moves),
+            evicted.at[layer].set(plan.num_evicted))
+
+  slots, slot_of_expert, expert_in_slot, moved, evicted = jax.lax.fori_loop(
+      0, num_layers, one_layer, (slots, state.slot_of_expert,
+                                 state.expert_in_slot, zeros, zeros))
   state = state.replace(slot_of_expert=slot_of_expert,
                         expert_in_slot=expert_in_slot, capacity=capacity)
-  return state, slots, jnp.stack(moved), jnp.stack(evicted)
+  return state, slots, moved, evicted
 
 
 def resize(state: PagerState, slots: moe.ExpertWeights, capacity,

@@ -1,16 +1,24 @@
-"""Expert sources behind the model's interface: static offload, transient
-and paged (the resident reference lives in `wisp_jax.models.experts`).
+"""Expert sources behind the model's interface, and their specs: resident
+(counting), static offload, transient and paged.
 
 Each source's carry counts, per layer and in experts: hits (needed and
 already on device), misses (needed and not) and loads (experts copied host
 -> device, the traffic). Bytes = loads x `bytes_per_expert` on the host, so
 int32 counters never overflow on real models.
+
+Every source computes with `moe.expert_ffn` and hands its output on
+straight from it (see the exactness rule in `wisp_jax.models.moe`); the
+layer index is traced (the decoder loops over layers).
+
+Specs (`SourceSpec`) are static and hashable; each owns its carry's layout:
+`init_carry`, `counters` and, for the pager, `pager_state` and `resize`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +26,9 @@ import numpy as np
 from flax import struct
 
 from wisp_jax.models import moe
-from wisp_jax.models.experts import ExpertSource, SourceSpec
+from wisp_jax.models.experts import SourceSpec
 from wisp_jax.paging import pager
+from wisp_jax.paging import resize as resize_lib
 from wisp_jax.paging.policies import get_policy
 
 SOURCES = ("resident", "static_offload", "transient", "paged")
@@ -27,7 +36,7 @@ SOURCES = ("resident", "static_offload", "transient", "paged")
 
 @struct.dataclass
 class Traffic:
-  """Counters of the non-paged sources; fields as in `PagerState`.
+  """Carry of the non-paged sources; fields as in `PagerState`.
 
   Attributes:
     hits: `[L]` int32.
@@ -47,6 +56,18 @@ class Traffic:
                                              np.zeros((), np.int32))))
 
 
+@struct.dataclass
+class PagedCarry:
+  """Carry of the paged source.
+
+  Attributes:
+    slots: `[L, S, ...]` device slot buffer (`ExpertWeights`, stored dtype).
+    state: the `PagerState` (residency, policy state, counters, tick).
+  """
+  slots: moe.ExpertWeights
+  state: pager.PagerState
+
+
 def _to_device(x):
   return jax.device_put(x, jax.memory.Space.Device)
 
@@ -55,10 +76,14 @@ def copy_experts(bank: moe.ExpertWeights, slots: moe.ExpertWeights, layer,
                  experts, dest, count) -> moe.ExpertWeights:
   """Copies `count` experts of `layer` from the host bank into device rows.
 
+  A `fori_loop` over the compacted copy list (dynamic trip count): each
+  iteration slices one expert from the host bank with traced indices and
+  moves it with `jax.device_put` into its row, in place.
+
   Args:
     bank: `[L, E, ...]` host bank.
     slots: `[L, S, ...]` or `[R, ...]` device buffer.
-    layer: layer index.
+    layer: layer index (traced).
     experts: `[M]` int32 expert ids (first `count` valid).
     dest: `[M]` int32 destination rows.
     count: `[]` int32.
@@ -105,123 +130,233 @@ def _gather_transient(bank, layer, wanted, max_rows: int):
   return scratch, row, count
 
 
-class CountingResidentSource(ExpertSource):
+def _tick(carry):
+  return carry.replace(tick=carry.tick + 1)
+
+
+class CountingResidentSource:
   """All experts on device (the reference), counting every need as a hit."""
 
   def __init__(self, experts):
     self.experts = experts
 
-  def __call__(self, layer, x, ids, traffic):
-    needed = pager.needed_mask(ids, self.experts.gate.shape[1])
-    out = moe.expert_ffn(x, self.experts.layer(layer), ids)
+  def layer(self, layer, x, ids, traffic):
+    num_experts = self.experts.gate.shape[1]
+    needed = pager.needed_mask(ids, num_experts)
+    out = moe.expert_ffn(x, self.experts, ids, num_experts=num_experts,
+                         layer=layer)
     return out, _count(traffic, layer, needed,
                        jnp.sum(needed, dtype=jnp.int32), 0)
 
+  end_step = staticmethod(_tick)
 
-class StaticOffloadSource(ExpertSource):
+
+class StaticOffloadSource:
   """Layer offload: all E experts of a layer are copied on every pass."""
 
   def __init__(self, bank):
     self.bank = bank
 
-  def __call__(self, layer, x, ids, traffic):
+  def layer(self, layer, x, ids, traffic):
     num_experts = self.bank.gate.shape[1]
     table = jax.tree.map(
         lambda w: _to_device(jax.lax.dynamic_slice(
             w, (layer, 0, 0, 0), (1,) + w.shape[1:]))[0], self.bank)
-    out = moe.expert_ffn(x, table, ids)
+    out = moe.expert_ffn(x, table, ids, num_experts=num_experts)
     needed = pager.needed_mask(ids, num_experts)
     return out, _count(traffic, layer, needed, 0, num_experts)
 
+  end_step = staticmethod(_tick)
 
-class TransientSource(ExpertSource):
+
+class TransientSource:
   """Use-then-evict: only the needed experts are copied, nothing is kept."""
 
   def __init__(self, bank):
     self.bank = bank
 
-  def __call__(self, layer, x, ids, traffic):
-    needed = pager.needed_mask(ids, self.bank.gate.shape[1])
+  def layer(self, layer, x, ids, traffic):
+    num_experts = self.bank.gate.shape[1]
+    needed = pager.needed_mask(ids, num_experts)
     scratch, row, loads = _gather_transient(self.bank, layer, needed,
                                             ids.size)
-    out = moe.expert_ffn(x, scratch, row[ids])
+    out = moe.expert_ffn(x, scratch, row[ids], num_experts=num_experts)
     return out, _count(traffic, layer, needed, 0, loads)
 
+  end_step = staticmethod(_tick)
 
-class PagedSource(ExpertSource):
-  """The working-set pager: a slot cache per layer fed from the host bank.
 
-  Carry: `(slots, PagerState)`, slots `[L, S, ...]` on device.
-  """
+class PagedSource:
+  """The working-set pager: a slot cache per layer fed from the host bank."""
 
   def __init__(self, bank, policy):
     self.bank = bank
     self.policy = policy
 
-  def __call__(self, layer, x, ids, carry):
-    slots, state = carry
-    num_layers, num_experts = self.bank.gate.shape[:2]
+  def layer(self, layer, x, ids, carry: PagedCarry):
+    slots, state = carry.slots, carry.state
+    num_experts = self.bank.gate.shape[1]
+    ffn = functools.partial(moe.expert_ffn, x, num_experts=num_experts)
     needed = pager.needed_mask(ids, num_experts)
     ls = pager.layer_state(state, layer)
+    out = jnp.zeros(ids.shape + (x.shape[1],), x.dtype)
     if self.policy.evicts:
       bank = self.bank
-      out = jnp.zeros(ids.shape + (x.shape[1],), x.dtype)
 
       def on_chunk(data, plan):
+        # Copy the group's misses in, then compute the group's pairs from
+        # the slots into `out` (the other pairs keep their values).
         slots, out = data
         slots = copy_experts(bank, slots, layer, plan.load_expert,
                              plan.load_slot, plan.num_loads)
         rows = jnp.maximum(plan.slot_of_expert[ids], 0)
-        y = moe.expert_ffn(x, slots.layer(layer), rows)
-        return slots, jnp.where(plan.chunk[ids][..., None], y, out)
+        out = ffn(slots, rows, layer=layer, out=out, select=plan.chunk[ids])
+        return slots, out
 
       ls, (slots, out) = pager.page_layer(self.policy, ls, needed, state.tick,
                                           (slots, out), on_chunk)
     else:
-      # Hot set from the slots, misses through a scratch table appended to
-      # them: one expert_ffn call over both (see moe's exactness note).
+      # The hot set from the slots, then the misses from a scratch table.
       resident = ls.slot_of_expert >= 0
       scratch, row, _ = _gather_transient(self.bank, layer,
                                           needed & ~resident, ids.size)
-      table = jax.tree.map(lambda a, b: jnp.concatenate([a, b]),
-                           slots.layer(layer), scratch)
-      rows = jnp.where(resident, ls.slot_of_expert,
-                       ls.expert_in_slot.shape[0] + row)
-      out = moe.expert_ffn(x, table, rows[ids])
+      out = ffn(slots, jnp.maximum(ls.slot_of_expert[ids], 0), layer=layer,
+                out=out, select=resident[ids])
+      out = ffn(scratch, row[ids], out=out, select=~resident[ids])
       ls = pager.count_pinned(ls, needed)
     state = pager.set_layer_state(state, layer, ls)
-    if layer == num_layers - 1:
-      state = state.replace(tick=state.tick + 1)
-    return out, (slots, state)
+    return out, PagedCarry(slots=slots, state=state)
+
+  @staticmethod
+  def end_step(carry: PagedCarry) -> PagedCarry:
+    return carry.replace(state=_tick(carry.state))
 
 
 @dataclasses.dataclass(frozen=True)
-class PagingSpec(SourceSpec):
-  """Static description of a source (hashable, jit-static).
+class TrafficSpec(SourceSpec):
+  """Spec of a source without a cache; `name` picks which.
 
   Attributes:
-    kind: one of `SOURCES`.
-    policy: policy name (paged only).
-    policy_options: sorted (name, value) pairs of the policy's options.
+    name: "resident", "static_offload" or "transient".
   """
-  kind: str
-  policy: str = "lru"
-  policy_options: tuple = ()
+  name: str
 
-  def build(self, bank):
-    if self.kind == "resident":
-      return CountingResidentSource(bank)
-    if self.kind == "static_offload":
-      return StaticOffloadSource(bank)
-    if self.kind == "transient":
-      return TransientSource(bank)
-    return PagedSource(bank, _policy(self.policy, self.policy_options))
+  def __post_init__(self):
+    if self.name not in ("resident", "static_offload", "transient"):
+      raise ValueError(f"TrafficSpec serves resident, static_offload or "
+                       f"transient sources, not {self.name!r}.")
+
+  def build(self, arrays):
+    if self.name == "resident":
+      return CountingResidentSource(arrays)
+    if self.name == "static_offload":
+      return StaticOffloadSource(arrays)
+    return TransientSource(arrays)
 
   @staticmethod
-  def counters(carry):
-    """(hits, misses, loads) `[L]` arrays of a carry."""
-    traffic = carry[1] if isinstance(carry, tuple) else carry
-    return traffic.hits, traffic.misses, traffic.loads
+  def init_carry(num_layers: int) -> Traffic:
+    return Traffic.zeros(num_layers)
+
+  @staticmethod
+  def counters(carry: Traffic):
+    return carry.hits, carry.misses, carry.loads
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedSpec(SourceSpec):
+  """Spec of the paged source.
+
+  Attributes:
+    policy: policy name.
+    policy_options: sorted (name, value) pairs of the policy's options.
+  """
+  policy: str = "lru"
+  policy_options: tuple = ()
+  name: ClassVar[str] = "paged"
+
+  @property
+  def rule(self):
+    return _policy(self.policy, self.policy_options)
+
+  def build(self, bank):
+    return PagedSource(bank, self.rule)
+
+  def init_carry(self, bank: moe.ExpertWeights, num_slots: int, capacity,
+                 hot_set=None) -> PagedCarry:
+    """Empty slots (or the `pinned` hot set loaded) and a fresh state.
+
+    Args:
+      bank: `[L, E, ...]` host bank.
+      num_slots: S, slot rows per layer of the buffer.
+      capacity: usable slots per layer, int or `[L]`.
+      hot_set: `[L, S]` experts resident from the start (-1: empty).
+    """
+    num_layers, num_experts = bank.gate.shape[:2]
+    state = pager.init_state(self.rule, num_layers, num_experts, num_slots,
+                             capacity, hot_set)
+    slots = jax.tree.map(
+        lambda w: _device_zeros((num_layers, num_slots) + w.shape[2:],
+                                jnp.dtype(w.dtype)), bank)
+    carry = PagedCarry(slots=slots, state=state)
+    if hot_set is not None:
+      carry = _load_hot_set(bank, carry)
+    return carry
+
+  @staticmethod
+  def counters(carry: PagedCarry):
+    return carry.state.hits, carry.state.misses, carry.state.loads
+
+  @staticmethod
+  def pager_state(carry: PagedCarry) -> pager.PagerState:
+    return carry.state
+
+  @staticmethod
+  def num_slots(carry: PagedCarry) -> int:
+    return int(carry.state.expert_in_slot.shape[1])
+
+  def resize(self, carry: PagedCarry, capacity
+             ) -> tuple[PagedCarry, np.ndarray, np.ndarray]:
+    """Sets every layer's capacity (`paging.resize`; `carry` is donated).
+
+    Returns:
+      the new carry, and per layer `[L]` the slot rows moved and the
+      residents evicted.
+    """
+    state, slots, moved, evicted = resize_lib.resize(
+        carry.state, carry.slots, capacity, self.policy, self.policy_options)
+    return PagedCarry(slots=slots, state=state), moved, evicted
+
+
+_device_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))
+
+
+@jax.jit
+def _load_hot_set(bank, carry: PagedCarry) -> PagedCarry:
+  """Copies every layer's hot set (the occupied slots) from the bank."""
+
+  def one_layer(layer, carry):
+    occupant = carry.state.expert_in_slot[layer]
+    count = jnp.sum(occupant >= 0, dtype=jnp.int32)
+    # Occupied slots first, so the first `count` copies are the real ones.
+    dest = pager.compact(occupant >= 0, occupant.shape[0], 0)
+    slots = copy_experts(bank, carry.slots, layer, occupant[dest], dest,
+                         count)
+    state = carry.state.replace(loads=carry.state.loads.at[layer].add(count))
+    return PagedCarry(slots=slots, state=state)
+
+  return jax.lax.fori_loop(0, carry.state.expert_in_slot.shape[0], one_layer,
+                           carry)
+
+
+def spec_for(kind: str, policy: str = "lru",
+             policy_options: tuple = ()) -> SourceSpec:
+  """The spec of source `kind` (one of `SOURCES`)."""
+  if kind not in SOURCES:
+    raise ValueError(f"Unknown expert source {kind!r}; known sources: "
+                     f"{', '.join(SOURCES)}.")
+  if kind == "paged":
+    return PagedSpec(policy, tuple(policy_options))
+  return TrafficSpec(kind)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,17 +1,17 @@
-"""The engine's jitted forward step over a batch of rows in the KV pool.
+"""The engine's step inputs: rows of the KV pool packed into one batch.
 
-One step function serves prefill (one request, `T` = a length bucket) and
-decode (`B` = a batch bucket, `T` = 1). Everything that changes from step to
-step (tokens, block tables, lengths, sampling seeds) is a traced array in a
-`StepInput`; the shapes are fixed by the buckets, so the decode step
-compiles once per batch bucket and the prefill step once per length bucket.
-The pool and the expert source's carry are donated, so they update in place.
+One step function (`serving.step.step_impl`, the one `generate` runs too)
+serves prefill (one request, `T` = a length bucket) and decode (`B` = a
+batch bucket, `T` = 1). Everything that changes from step to step (tokens,
+block tables, lengths, sampling seeds) is a traced array in a `StepInput`;
+the shapes are fixed by the buckets, so the decode step compiles once per
+batch bucket and the prefill step once per length bucket. The pool and the
+expert source's carry are donated, so they update in place.
 
-Sampling is per row: greedy where the row's temperature is 0, otherwise a
-categorical draw with key `fold_in(key(seed), counter)`. The engine sets
-`counter` to what `generate` would use for that token of a lone request
-(0 for the first token, then prompt length + index - 1), so a request's
-samples do not depend on its batch or on preemptions.
+The engine sets each row's sampling `counter` to what `generate` would use
+for that token of a lone request (0 for the first token, then prompt length
++ index - 1), so a request's samples do not depend on its batch or on
+preemptions.
 
 Shape legend as in `wisp_jax.models.moe` and `wisp_jax.serving.kv_pool`.
 """
@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from flax import struct
 
+from wisp_jax.serving import step as step_lib
 from wisp_jax.serving.kv_pool import KVPool, PagedKV
 
 # Traces of each step kind in this process ("prefill", "decode"); the jitted
@@ -39,7 +37,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 @struct.dataclass
 class StepInput:
-  """The traced inputs of one step.
+  """The traced inputs of one step (all but the pool).
 
   Attributes:
     tokens: `[B, T]` int32 new tokens (padded with each row's last).
@@ -47,18 +45,19 @@ class StepInput:
     length: `[B]` int32 positions of each row already in the pool.
     num_new: `[B]` int32 real tokens among the `T` of each row.
     write: `[B]` bool, False for batch-padding rows.
-    seed: `[B]` uint32 sampling seed of each row.
-    counter: `[B]` int32 folded into the row's key for this token.
-    temperature: `[B]` float32, 0 for greedy.
+    sampling: per-row sampling inputs (`last` = num_new - 1).
   """
   tokens: jax.Array
   block_table: jax.Array
   length: jax.Array
   num_new: jax.Array
   write: jax.Array
-  seed: jax.Array
-  counter: jax.Array
-  temperature: jax.Array
+  sampling: step_lib.Sampling
+
+  def view(self, pool: KVPool) -> PagedKV:
+    """The pool seen by this step's rows."""
+    return PagedKV(pool=pool, block_table=self.block_table,
+                   length=self.length, num_new=self.num_new, write=self.write)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,72 +93,21 @@ def make_input(rows: Sequence[Row], batch: int, t: int,
     tokens[i, :len(row.tokens)] = row.tokens
     tokens[i, len(row.tokens):] = row.tokens[-1]
     table[i, :len(row.blocks)] = row.blocks
-  write = np.arange(batch) < len(rows)
+  num_new = np.array([len(r.tokens) for r in padded], np.int32)
   return StepInput(
       tokens=tokens, block_table=table,
       length=np.array([r.length for r in padded], np.int32),
-      num_new=np.array([len(r.tokens) for r in padded], np.int32),
-      write=write, seed=np.array([r.seed for r in padded], np.uint32),
-      counter=np.array([r.counter for r in padded], np.int32),
-      temperature=np.array([r.temperature for r in padded], np.float32))
+      num_new=num_new, write=np.arange(batch) < len(rows),
+      sampling=step_lib.Sampling(
+          last=np.maximum(num_new - 1, 0),
+          seed=np.array([r.seed for r in padded], np.uint32),
+          counter=np.array([r.counter for r in padded], np.int32),
+          temperature=np.array([r.temperature for r in padded], np.float32)))
 
 
-def sample_rows(logits: jax.Array, seed: jax.Array, counter: jax.Array,
-                temperature: jax.Array) -> jax.Array:
-  """Next token of each row: `[B, V]` float32 logits -> `[B]` int32."""
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def draw(row_seed, row_counter, row_logits, row_temperature):
-    key = jax.random.fold_in(jax.random.key(row_seed), row_counter)
-    return jax.random.categorical(key, row_logits / row_temperature)
-
-  sampled = jax.vmap(draw)(seed, counter, logits,
-                           jnp.maximum(temperature, 1e-6)).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
-
-
-def step_impl(graphdef, state, spec, arrays, carry, pool: KVPool,
-              inputs: StepInput):
-  """One forward pass over `inputs.tokens` and a sample per row.
-
-  Returns:
-    next tokens `[B]` int32 (sampled at each row's last real token), the
-    pool, the source's carry, and its cumulative counters `[3, L]` (hits,
-    misses, loads).
-  """
-  decoder = nnx.merge(graphdef, state)
-  kv = PagedKV(pool=pool, block_table=inputs.block_table,
-               length=inputs.length, num_new=inputs.num_new,
-               write=inputs.write)
-  positions = kv.positions(inputs.tokens.shape[1])
-  logits, kv, carry, _ = decoder.forward(inputs.tokens, positions, kv,
-                                         spec.build(arrays), carry)
-  # [B, 1, V] logits at each row's last real token.
-  last = jnp.maximum(inputs.num_new - 1, 0)[:, None, None]
-  logits = jnp.take_along_axis(logits, last, axis=1)[:, 0].astype(jnp.float32)
-  token = sample_rows(logits, inputs.seed, inputs.counter, inputs.temperature)
-  counters = jnp.stack(spec.counters(carry))
-  return token, kv.pool, carry, counters
-
-
-def counted(kind: str, impl=step_impl):
-  """`impl` that counts its traces in `TRACE_COUNTS[kind]`."""
-
-  @functools.wraps(impl)
-  def wrapper(*args):
-    TRACE_COUNTS[kind] += 1
-    return impl(*args)
-  return wrapper
-
-
-def jit_step(impl):
-  """Jits a step function: graphdef and spec static; carry, pool donated."""
-  return jax.jit(impl, static_argnums=(0, 2), donate_argnums=(4, 5))
-
-
-prefill_step = jit_step(counted("prefill"))
+prefill_step = step_lib.jit_step(step_lib.counted(TRACE_COUNTS, "prefill"))
 # The engine looks this up at call time; tests swap in their own wrapper.
-decode_step = jit_step(counted("decode"))
+decode_step = step_lib.jit_step(step_lib.counted(TRACE_COUNTS, "decode"))
 
 
 def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:

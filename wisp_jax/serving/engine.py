@@ -40,7 +40,6 @@ from flax import nnx
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.paging import api as paging_api
 from wisp_jax.paging import bank as bank_lib
-from wisp_jax.paging import resize as resize_lib
 from wisp_jax.paging.sources import SOURCES
 from wisp_jax.serving import batch_step
 from wisp_jax.serving import kv_pool
@@ -134,7 +133,7 @@ class Engine:
     self.spec, self._arrays, self._carry = paging_api.make_source(
         config, bank, experts, slots_per_layer, policy, policy_options,
         hot_set, num_slots if experts == "paged" else None)
-    self.num_slots = (int(self._carry[0].gate.shape[1]) if experts == "paged"
+    self.num_slots = (self.spec.num_slots(self._carry) if experts == "paged"
                       else None)
     self.bytes_per_expert = bank_lib.bytes_per_expert(bank)
     self._graphdef, self._state = nnx.split(model.decoder)
@@ -218,10 +217,11 @@ class Engine:
             t: int) -> np.ndarray:
     inputs = jax.device_put(
         batch_step.make_input(rows, batch, t, self.max_blocks), self._device)
-    token, self._pool, self._carry, counters = step_fn(
-        self._graphdef, self._state, self.spec, self._arrays, self._carry,
-        self._pool, inputs)
-    token, counters = jax.device_get((token, counters))
+    out = step_fn(self._graphdef, self._state, self.spec, self._arrays,
+                  self._carry, inputs.view(self._pool), inputs.tokens,
+                  inputs.sampling)
+    self._pool, self._carry = out.kv.pool, out.carry
+    token, counters = jax.device_get((out.token, out.counters))
     self._counters = np.asarray(counters, np.int64)
     return np.asarray(token)
 
@@ -387,7 +387,8 @@ class Engine:
   def pager_state(self):
     """The paged source's `PagerState` after the last step (None for other
     sources); read it before the next step, which donates it."""
-    return self._carry[1] if self.experts == "paged" else None
+    return (self.spec.pager_state(self._carry) if self.experts == "paged"
+            else None)
 
   def live_requests(self) -> list[Request]:
     """The running requests (in admission order), then the waiting ones."""
@@ -449,11 +450,8 @@ class Engine:
     moved = evicted = 0
     for target in (shrunk, split):
       if target.slots_per_layer != self.split.slots_per_layer:
-        rows, state = self._carry
-        state, rows, moves, evictions = resize_lib.resize(
-            state, rows, np.asarray(target.slots_per_layer),
-            self.spec.policy, self.spec.policy_options)
-        self._carry = (rows, state)
+        self._carry, moves, evictions = self.spec.resize(
+            self._carry, np.asarray(target.slots_per_layer))
         moved, evicted = moved + int(moves.sum()), evicted + int(
             evictions.sum())
       if target.kv_blocks != self.allocator.num_blocks:

@@ -1,30 +1,34 @@
 """Prefill + jitted incremental decode of a padded batch of prompts.
 
 `generate` left-pads the prompts, runs one jitted prefill, then one jitted
-decode step per new token. The decode step is traced once per (batch,
-cache length, source) and reused for every step: the cache index, sampling
-key and source state are traced arrays, never Python values, and every
+decode step per new token; both are `serving.step.step_impl`, the step the
+serving engine runs too. The decode step is traced once per (batch, cache
+length, source) and reused for every step: the cache index, sampling
+inputs and source state are traced arrays, never Python values, and every
 host/device move is explicit (the step runs under
 `jax.transfer_guard("disallow")`).
+
+Sampling: row b of a batch samples like a lone request with seed
+`seed + b` (see `serving.step`), so equal prompts in one batch draw
+different samples, and a one-prompt call draws what the engine draws for
+the same request.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wisp_jax.models.experts import SourceSpec
 from wisp_jax.models.kv_cache import KVCache
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.paging import api as paging_api
 from wisp_jax.paging import bank as bank_lib
 from wisp_jax.paging.api import ExpertStats
+from wisp_jax.serving import step as step_lib
 
 
 @dataclasses.dataclass
@@ -73,38 +77,20 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int
   return tokens, start
 
 
-def _sample(logits, key, temperature, greedy: bool):
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(
-      key, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
-
-
-def step_impl(graphdef, state, spec: SourceSpec, arrays, carry, tokens, kv,
-              key, greedy: bool, temperature):
-  """One forward pass over `tokens` `[B, T]` and a sample of the next token.
-
-  Returns:
-    next tokens `[B]`, last-position logits `[B, V]` float32, the cache, the
-    source's carry, the routing `(ids, weights)` `[L, B, T, K]` and the
-    source's cumulative counters `[3, L]` (hits, misses, loads).
-  """
-  decoder = nnx.merge(graphdef, state)
-  positions = kv.positions(tokens.shape[1])
-  logits, kv, carry, routing = decoder.forward(
-      tokens, positions, kv, spec.build(arrays), carry)
-  logits = logits[:, -1].astype(jnp.float32)
-  key = jax.random.fold_in(key, kv.index)
-  token = _sample(logits, key, temperature, greedy)
-  counters = jnp.stack(spec.counters(carry))
-  return token, logits, kv.advance(tokens.shape[1]), carry, routing, counters
-
-
-_jit_step = functools.partial(jax.jit, static_argnums=(0, 2, 8),
-                              donate_argnums=(4, 6))
-prefill_step = _jit_step(step_impl)
+prefill_step = step_lib.jit_step()
 # The decode step; tests swap in a trace-counting wrapper.
-decode_step = _jit_step(step_impl)
+decode_step = step_lib.jit_step()
+
+
+def _sampling(batch: int, last: int, seed: int, counter: np.ndarray,
+              temperature: float) -> step_lib.Sampling:
+  """Row b samples like a lone request with seed `seed + b`."""
+  seeds = (np.uint64(seed) + np.arange(batch, dtype=np.uint64)) % 2**32
+  return jax.device_put(step_lib.Sampling(
+      last=np.full((batch,), last, np.int32), seed=seeds.astype(np.uint32),
+      counter=np.asarray(counter, np.int32),
+      temperature=np.full((batch,), temperature, np.float32),
+      greedy=temperature == 0))
 
 
 def generate(model: MoEModel, prompts, max_new_tokens: int,
@@ -121,7 +107,7 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
     prompts: token-id sequences (lengths may differ; rows are left-padded).
     max_new_tokens: tokens to generate per prompt.
     temperature: 0 for greedy decoding, > 0 to sample.
-    seed: sampling seed (same seed, same samples).
+    seed: sampling seed (same seed, same samples); row b uses `seed + b`.
     experts: where expert weights come from: `resident` (all on device,
       the reference), `static_offload`, `transient` or `paged`.
     slots_per_layer: device slots per layer for `paged` (int, or `[L]`).
@@ -162,25 +148,23 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
   graphdef, state = nnx.split(model.decoder)
   kv = KVCache.create(config.num_layers, batch, total, config.num_kv_heads,
                       config.head_dim, model.dtype, jax.device_put(start))
-  greedy = temperature == 0.0
-  temp = jax.device_put(np.float32(max(temperature, 1e-6)))
-  key = jax.random.key(jax.device_put(np.uint32(seed)))
 
-  token, logits, kv, carry, routing, counts = prefill_step(
-      graphdef, state, spec, arrays, carry, jax.device_put(tokens), kv, key,
-      greedy, temp)
-  out_tokens, out_logits, routes = [token], [logits], [routing]
-  counters = [counts]
-  for _ in range(1, max_new_tokens):
-    token, logits, kv, carry, routing, counts = decode_step(
-        graphdef, state, spec, arrays, carry, token[:, None], kv, key, greedy,
-        temp)
-    out_tokens.append(token)
-    counters.append(counts)
+  out = prefill_step(
+      graphdef, state, spec, arrays, carry, kv, jax.device_put(tokens),
+      _sampling(batch, prompt_len - 1, seed, np.zeros((batch,)), temperature))
+  out_tokens, out_logits = [out.token], [out.logits]
+  routes, counters = [(out.routing_ids, out.routing_weights)], [out.counters]
+  for i in range(1, max_new_tokens):
+    # Each row's counter: the position of the token it feeds in.
+    out = decode_step(
+        graphdef, state, spec, arrays, out.carry, out.kv, out.token[:, None],
+        _sampling(batch, 0, seed, prompt_len + i - 1 - start, temperature))
+    out_tokens.append(out.token)
+    counters.append(out.counters)
     if return_logits:
-      out_logits.append(logits)
+      out_logits.append(out.logits)
     if record_routing:
-      routes.append(routing)
+      routes.append((out.routing_ids, out.routing_weights))
 
   out_tokens, out_logits, routes, counters = jax.device_get(
       (out_tokens, out_logits, routes, counters))

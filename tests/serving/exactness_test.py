@@ -1,0 +1,61 @@
+"""The exactness matrix (wisp_jax/serving/exactness.py): every source and
+policy `np.array_equal` to resident, here and under other CPUs' code
+generation (`XLA_FLAGS=--xla_cpu_max_isa=...` subprocesses).
+
+The tiny preset's full matrix, with hand-checked counters, is in
+tests/paging/sources_test.py.
+"""
+
+import collections
+
+import pytest
+
+from wisp_jax.serving import exactness
+
+
+def _assert_all_exact(runs):
+  bad = [r for r in runs if not (r.exact and r.counts_ok)]
+  assert not bad, bad
+  assert runs
+
+
+@pytest.mark.parametrize("dtype", exactness.DTYPES)
+def test_default_model_every_source_and_policy(dtype):
+  runs = exactness.check_model("default", dtype)
+  _assert_all_exact(runs)
+  # 2 offload sources + 5 policies x 3 capacities.
+  assert len(runs) == 2 + 5 * 3
+  hit = {(r.policy, r.capacity): r.hit_rate for r in runs
+         if r.experts == "paged"}
+  # Real routing has reuse: the pager hits, and more slots hit more.
+  assert all(rate > 0.5 for (_, slots), rate in hit.items() if slots >= 4), hit
+  assert all(rate > 0.85 for (_, slots), rate in hit.items() if slots == 7)
+  lru = [hit[("lru", s)] for s in (2, 4, 7)]
+  assert lru == sorted(lru) and lru[0] < lru[-1]
+
+
+@pytest.mark.parametrize("model", ["mixtral-8x7b-small", "qwen3-30b-a3b-small",
+                                   "olmoe-1b-7b-small"])
+def test_real_geometry_presets(model):
+  runs = exactness.check_model(model, "float32", policies=("lru", "pinned"))
+  _assert_all_exact(runs)
+  assert {r.capacity for r in runs if r.experts == "paged"} == {
+      r.capacity for r in runs if r.policy == "lru"}
+  assert len(runs) == 2 + 2 * 3
+
+
+def test_exact_under_every_isa():
+  """The tiny preset's matrix (both dtypes; every source, LRU and pinned at
+  every capacity) again in one subprocess per instruction set."""
+  isas = exactness.supported_isas()
+  assert {"SSE4_2", "AVX", "AVX2"} <= set(isas)
+  results = exactness.check_isas(isas, models=("tiny",),
+                                 policies=("lru", "pinned"))
+  assert set(results) == set(isas)
+  for isa, (runs, error, _) in results.items():
+    assert not error, (isa, error)
+    _assert_all_exact(runs)
+    kinds = collections.Counter((r.dtype, r.experts) for r in runs)
+    assert kinds == {(d, e): n for d in exactness.DTYPES
+                     for e, n in (("static_offload", 1), ("transient", 1),
+                                  ("paged", 6))}, (isa, kinds)
