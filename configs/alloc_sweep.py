@@ -20,7 +20,7 @@ Zipf 1.0), low locality (Zipf 0.2, no temporal reuse) and mixed layers
 
 import ml_collections
 
-from wisp_jax.alloc.allocate import workload_config
+from wisp_jax.runs.allocate import workload_config
 
 HIGH = "sticky:p_keep=0.9,alpha=1.0"
 LOW = "zipf:alpha=0.2"

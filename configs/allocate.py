@@ -18,7 +18,7 @@ Override single fields, e.g. `--config.workload.trace.path=trace.npz`
 
 import ml_collections
 
-from wisp_jax.alloc.allocate import workload_config
+from wisp_jax.runs.allocate import workload_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

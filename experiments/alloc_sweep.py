@@ -5,7 +5,7 @@ r"""MV-WSA vs oracle vs fixed splits; see configs/alloc_sweep.py.
 """
 
 from wisp_jax import launch
-from wisp_jax.alloc import sweep
+from wisp_jax.runs import alloc_sweep as sweep
 
 if __name__ == "__main__":
   launch.main(sweep.run)

@@ -5,7 +5,7 @@ r"""Splits a device budget between expert slots and KV; see configs/allocate.py.
 """
 
 from wisp_jax import launch
-from wisp_jax.alloc import allocate
+from wisp_jax.runs import allocate
 
 if __name__ == "__main__":
   launch.main(allocate.run)

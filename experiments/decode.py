@@ -5,7 +5,7 @@ r"""Decode benchmark per expert source; see configs/decode.py.
 """
 
 from wisp_jax import launch
-from wisp_jax.serving import decode_bench
+from wisp_jax.runs import decode as decode_bench
 
 if __name__ == "__main__":
   launch.main(decode_bench.run)

@@ -5,7 +5,7 @@ r"""The online controller vs fixed splits; see configs/online.py.
 """
 
 from wisp_jax import launch
-from wisp_jax.serving import online_bench
+from wisp_jax.runs import online as online_bench
 
 if __name__ == "__main__":
   launch.main(online_bench.run)

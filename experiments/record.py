@@ -7,7 +7,7 @@ r"""Records a routing trace of the default model; see configs/record.py.
 from absl import logging
 
 from wisp_jax import launch
-from wisp_jax.traces import record
+from wisp_jax.runs import record
 
 
 def report(summary: dict, workdir: str) -> None:

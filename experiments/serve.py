@@ -5,7 +5,7 @@ r"""Serves a workload with the continuous-batching engine; see configs/serve.py.
 """
 
 from wisp_jax import launch
-from wisp_jax.serving import serve
+from wisp_jax.runs import serve
 
 if __name__ == "__main__":
   launch.main(serve.run)

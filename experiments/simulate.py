@@ -7,7 +7,7 @@ r"""Replays a routing trace and predicts decode speed; see configs/simulate.py.
 from absl import logging
 
 from wisp_jax import launch
-from wisp_jax.sim import simulate
+from wisp_jax.runs import simulate
 
 
 def _fmt(value) -> str:

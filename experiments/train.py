@@ -5,7 +5,7 @@ r"""Trains the byte-level MoE model; see configs/train_default.py.
 """
 
 from wisp_jax import launch
-from wisp_jax.models import training
+from wisp_jax.runs import train
 
 if __name__ == "__main__":
-  launch.main(training.run)
+  launch.main(train.run)

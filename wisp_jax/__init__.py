@@ -14,47 +14,32 @@ E experts, K top-k, L layers, S slots, H heads (see wisp_jax.models.moe).
 
 from __future__ import annotations
 
-import pathlib
+import importlib
+from typing import Any
 
-import jax.numpy as jnp
+# Public names and the module each lives in; imported on first use, so that
+# host-only modules (e.g. `wisp_jax.serving.scheduler`) load without JAX.
+_PUBLIC = {
+    "MoEConfig": "wisp_jax.models.config",
+    "PRESETS": "wisp_jax.models.config",
+    "get_config": "wisp_jax.models.config",
+    "MoEModel": "wisp_jax.models.transformer",
+    "load_default": "wisp_jax.models.default",
+    "from_pretrained": "wisp_jax.models.pretrained",
+    "GenerateOutput": "wisp_jax.serving.generate",
+    "generate": "wisp_jax.serving.generate",
+    "ExpertStats": "wisp_jax.paging.api",
+}
+__all__ = sorted(_PUBLIC)
 
-from wisp_jax.models.config import PRESETS, MoEConfig, get_config
-from wisp_jax.models.default import load_default
-from wisp_jax.models.transformer import MoEModel
-from wisp_jax.serving.generate import GenerateOutput, generate
 
-__all__ = ["MoEConfig", "MoEModel", "PRESETS", "GenerateOutput",
-           "from_pretrained", "generate", "get_config", "load_default"]
+def __getattr__(name: str) -> Any:
+  if name not in _PUBLIC:
+    raise AttributeError(f"module 'wisp_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_PUBLIC[name]), name)
+  globals()[name] = value
+  return value
 
 
-def from_pretrained(path, dtype=jnp.float32,
-                    expert_memory_kind: str | None = None) -> MoEModel:
-  """Loads a model from a local directory.
-
-  Args:
-    path: a Hugging Face directory (`config.json` + safetensors) of a
-      Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE model, a wisp_jax orbax
-      checkpoint (`experiments/train.py` output), or "default" for the
-      shipped default model.
-    dtype: parameter dtype.
-    expert_memory_kind: native checkpoints only: restore the experts into
-      this memory kind (e.g. "pinned_host") without passing through device
-      memory.
-
-  Returns:
-    the `MoEModel`.
-  """
-  from wisp_jax.models import checkpoint, hf_import  # Heavy, load lazily.
-  if str(path) == "default":
-    return load_default(dtype, expert_memory_kind)
-  directory = pathlib.Path(path)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"model directory {str(path)!r} does not exist.")
-  if checkpoint.is_checkpoint(directory):
-    return checkpoint.restore(directory, dtype=dtype,
-                              expert_memory_kind=expert_memory_kind)
-  if expert_memory_kind is not None:
-    raise ValueError("expert_memory_kind applies to wisp_jax checkpoints; for "
-                     "a Hugging Face directory build a bank with "
-                     "wisp_jax.paging.bank.make_bank(model.experts.weights()).")
-  return hf_import.load_hf(directory, dtype=dtype)
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_PUBLIC))

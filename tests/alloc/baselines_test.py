@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wisp_jax.alloc import baselines
-from wisp_jax.alloc import simulate
+from wisp_jax.alloc import throughput
 from wisp_jax.alloc import solver
 from wisp_jax.sim import cost
 from tests.alloc.testlib import random_workload
@@ -14,7 +14,7 @@ from tests.alloc.testlib import random_workload
 
 def budget_for(workload, extra_slots, extra_blocks=0):
   w = workload
-  return simulate.Budget(
+  return throughput.Budget(
       w.dense_bytes + (4 + extra_slots) * w.expert_bytes
       + (w.floor_blocks + extra_blocks) * w.block_bytes)
 
@@ -42,7 +42,7 @@ def test_oracle_is_the_best_split_by_brute_force(seed):
   w = random_workload(seed)
   budget = budget_for(w, 6, extra_blocks=40)
   best = baselines.oracle(w, budget)
-  brute = max(simulate.predict(w, budget.fill(w, caps))
+  brute = max(throughput.predict(w, budget.fill(w, caps))
               for caps in itertools.product(range(2, 7), repeat=2)
               if budget.fill(w, caps).kv_blocks >= w.floor_blocks)
   assert best.tokens_per_s == pytest.approx(brute, rel=1e-12)

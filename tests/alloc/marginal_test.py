@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wisp_jax.alloc import marginal
-from wisp_jax.alloc import simulate
+from wisp_jax.alloc import throughput
 from tests.alloc.testlib import TOY_DEVICE, make_workload
 
 # Layer 0 has a cliff: nothing helps until all 6 experts fit.
@@ -43,8 +43,8 @@ def test_slot_unit_value_is_the_simulators_time_saved():
   for layer in range(2):
     after = caps.copy()
     after[layer] += units.width[layer]
-    before_s = simulate.per_token_seconds(w, caps, kv)[0]
-    after_s = simulate.per_token_seconds(w, after, kv)[0]
+    before_s = throughput.per_token_seconds(w, caps, kv)[0]
+    after_s = throughput.per_token_seconds(w, after, kv)[0]
     saved = units.value_per_byte[layer] * units.width[layer] * (
         w.expert_bytes)
     assert saved == pytest.approx(before_s - after_s, rel=1e-9)
@@ -72,7 +72,7 @@ def test_kv_value_matches_predictions():
   assert unit == int(np.ceil(w.held_blocks))
   kv = w.floor_blocks
   value = marginal.kv_value(w, [3, 3], kv)
-  rate = lambda k: simulate.predict(w, simulate.Split.make([3, 3], k, 2))
+  rate = lambda k: throughput.predict(w, throughput.Split.make([3, 3], k, 2))
   assert value * unit * w.block_bytes == pytest.approx(
       1 / rate(kv) - 1 / rate(kv + unit), rel=1e-9)
   assert value > 0

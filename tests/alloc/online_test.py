@@ -5,7 +5,7 @@ import pytest
 
 from wisp_jax.alloc import baselines
 from wisp_jax.alloc import online
-from wisp_jax.alloc import simulate
+from wisp_jax.alloc import throughput
 from wisp_jax.alloc.curves import RoutingCurves
 from wisp_jax.sim import mrc
 from tests.alloc.testlib import random_workload
@@ -27,22 +27,22 @@ def test_kv_target_rules():
 def test_step_curve_split_gives_the_rest_to_slots():
   kwargs = dict(pageable_bytes=10_000, expert_bytes=100, block_bytes=10,
                 num_layers=4, top_k=2, num_experts=8, floor_blocks=50)
-  current = simulate.Split.make(5, 400, 4)
+  current = throughput.Split.make(5, 400, 4)
   got = online.step_curve_split(current=current, peak_blocks_in_use=200,
                                 waiting_requests=0, **kwargs)
   # KV target 240 blocks = 2400 bytes; 7600 bytes / 400 per cap = 19,
   # clamped to E = 8; the rest (10000 - 3200) / 10 = 680 blocks.
-  assert got == simulate.Split.make(8, 680, 4)
+  assert got == throughput.Split.make(8, 680, 4)
   grown = online.step_curve_split(current=current, peak_blocks_in_use=400,
                                   waiting_requests=2, **kwargs)
   # Target 480 blocks leaves 5200 bytes: 13 per layer, clamped to 8.
   assert grown.kv_blocks == 680 and grown.slots_per_layer == (8,) * 4
   # A target past the bytes left after top_k slots is clamped there.
   big = online.step_curve_split(
-      current=simulate.Split.make(2, 900, 4), peak_blocks_in_use=900,
+      current=throughput.Split.make(2, 900, 4), peak_blocks_in_use=900,
       waiting_requests=1, **kwargs)
-  assert big == simulate.Split.make(2, 920, 4)
-  with pytest.raises(simulate.BudgetError, match="floor"):
+  assert big == throughput.Split.make(2, 920, 4)
+  with pytest.raises(throughput.BudgetError, match="floor"):
     online.step_curve_split(**{**kwargs, "floor_blocks": 930},
                             current=current, peak_blocks_in_use=0,
                             waiting_requests=0)
@@ -68,13 +68,13 @@ def test_update_curves_replaces_near_level_or_inserts():
 
 def test_mv_split_switches_only_outside_the_dead_zone():
   w = random_workload(4, concurrency=3)
-  budget = simulate.Budget(w.dense_bytes + 10 * w.expert_bytes
+  budget = throughput.Budget(w.dense_bytes + 10 * w.expert_bytes
                            + (w.floor_blocks + 30) * w.block_bytes)
   good = baselines.oracle(w, budget).split
   kept, gain = online.mv_split(w, budget, good)
   assert kept == good and gain <= 1e-9
   bad = budget.fill(w, 2)  # every byte to KV
-  assert simulate.predict(w, bad) < 0.9 * simulate.predict(w, good)
+  assert throughput.predict(w, bad) < 0.9 * throughput.predict(w, good)
   switched, gain = online.mv_split(w, budget, bad)
   assert gain > 0.1 and switched != bad
-  assert simulate.predict(w, switched) > simulate.predict(w, bad)
+  assert throughput.predict(w, switched) > throughput.predict(w, bad)

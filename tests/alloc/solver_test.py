@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wisp_jax.alloc import baselines
-from wisp_jax.alloc import simulate
+from wisp_jax.alloc import throughput
 from wisp_jax.alloc import solver
 from tests.alloc.testlib import make_workload, random_workload
 
@@ -18,7 +18,7 @@ def budget_for(workload, extra_slots, extra_bytes=0, workspace=0):
   """A budget with room for top_k slots + `extra_slots` and the floor."""
   w = workload
   slots = 2 * w.model.top_k + extra_slots
-  return simulate.Budget(w.dense_bytes + workspace + slots * w.expert_bytes
+  return throughput.Budget(w.dense_bytes + workspace + slots * w.expert_bytes
                          + w.floor_blocks * w.block_bytes + extra_bytes,
                          workspace)
 
@@ -52,7 +52,7 @@ def test_admission_beats_slots_when_slots_barely_help():
   w = make_workload(np.stack([flat, flat * 1.2, flat * 1.4]),
                     concurrency=3, prompt=np.arange(4, 36, 2),
                     output=np.arange(20, 4, -1))
-  budget = simulate.Budget(w.dense_bytes + 4 * w.expert_bytes
+  budget = throughput.Budget(w.dense_bytes + 4 * w.expert_bytes
                            + w.demand_blocks(3) * w.block_bytes
                            + 3 * w.expert_bytes)
   got = solver.solve(w, budget)
@@ -102,7 +102,7 @@ def test_passes_only_improve_on_the_greedy():
 def test_impossible_budget_refused_with_numbers():
   w = random_workload(0)
   budget = budget_for(w, 0, extra_bytes=-1, workspace=1000)
-  with pytest.raises(simulate.BudgetError) as error:
+  with pytest.raises(throughput.BudgetError) as error:
     solver.solve(w, budget)
   message = str(error.value)
   floor_bytes = w.floor_blocks * w.block_bytes

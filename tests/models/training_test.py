@@ -14,6 +14,7 @@ from flax import nnx
 from wisp_jax import data
 from wisp_jax.models import checkpoint
 from wisp_jax.models import training
+from wisp_jax.runs import train
 from wisp_jax.models.config import get_config
 from wisp_jax.models.experts import ResidentSource
 from wisp_jax.models.transformer import MoEModel
@@ -123,7 +124,7 @@ def test_run_tiny_trains_and_writes_outputs(tmp_path):
   config.num_steps = 24
   config.log_every = 1
   config.eval_windows = 8
-  summary = training.run(config, tmp_path)
+  summary = train.run(config, tmp_path)
   lines = [json.loads(l) for l in
            (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == list(range(1, 25))

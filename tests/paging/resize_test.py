@@ -21,8 +21,8 @@ def _state(expert_in_slot, last_use, capacity=S, policy="lru"):
     for slot, expert in enumerate(expert_in_slot[layer]):
       if expert >= 0:
         slot_of_expert[layer, expert] = slot
-  policy_state = {**state.policy_state,
-                  "last_use": np.asarray(last_use, np.int32)}
+  policy_state = state.policy_state._replace(
+      last_use=np.asarray(last_use, np.int32))
   return state.replace(
       slot_of_expert=jax.device_put(slot_of_expert),
       expert_in_slot=jax.device_put(expert_in_slot),
@@ -87,7 +87,7 @@ def test_shrink_keeps_what_fits_moves_rows_and_grow_changes_nothing():
   assert _row_tag(slots, 1, 1) == 102  # expert 4's row, from slot 2
   assert _row_tag(slots, 1, 0) == 100
   # Counters and policy state are untouched.
-  np.testing.assert_array_equal(state.policy_state["last_use"],
+  np.testing.assert_array_equal(state.policy_state.last_use,
                                 [[-1, 9, -1, 2, -1, 4], [5, -1, 1, -1, 7, 3]])
   assert np.asarray(state.loads).tolist() == [0, 0]
 

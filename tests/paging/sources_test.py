@@ -151,9 +151,9 @@ def test_compiled_step_holds_no_bank_sized_buffer():
 
 def test_bad_input_is_refused_before_work(tiny_f32):
   model, bank = tiny_f32
-  with pytest.raises(ValueError, match="below top_k=2"):
+  with pytest.raises(ValueError, match="fewer than top_k=2"):
     generate(model, PROMPTS, 4, experts="paged", slots_per_layer=1, bank=bank)
-  with pytest.raises(ValueError, match="exceeds num_experts=6"):
+  with pytest.raises(ValueError, match="more than its 6 experts"):
     generate(model, PROMPTS, 4, experts="paged", slots_per_layer=7, bank=bank)
   with pytest.raises(ValueError, match="Unknown paging policy 'mru'"):
     generate(model, PROMPTS, 4, experts="paged", slots_per_layer=3,

@@ -110,7 +110,7 @@ def test_engine_resize_keeps_residents_that_fit_and_refuses_bad_splits(
   def tables():
     state = engine.pager_state
     return jax.device_get((state.slot_of_expert,
-                           state.policy_state["last_use"]))
+                           state.policy_state.last_use))
 
   slot_of_expert, last_use = tables()
   done = engine.resize(DEEP)  # 4 -> 2 slots per layer
@@ -135,7 +135,8 @@ def test_engine_resize_keeps_residents_that_fit_and_refuses_bad_splits(
 def _footprint_budget(free_bytes):
   footprint = Footprint(dense_bytes=1000, expert_bytes=5760, block_bytes=2560,
                         block_size=16, num_layers=2, num_experts=6, top_k=2,
-                        max_seq_len=256)
+                        max_seq_len=256, bytes_per_param=4,
+                        kv_bytes_per_value=4)
   return DeviceBudget(1000 + free_bytes, 0, footprint)
 
 

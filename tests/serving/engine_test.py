@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wisp_jax.serving import batch_step
+from wisp_jax.serving import scheduler
 from wisp_jax.serving import step as step_lib
 from wisp_jax.serving.engine import Engine, Request
 from wisp_jax.serving.generate import generate
@@ -63,7 +64,7 @@ def test_long_workload_finishes_with_bounded_compilation(
     traces.append(args[6].shape)  # the step's tokens [B, T]
     return step_lib.step_impl(*args)
 
-  buckets = batch_step.powers_of_two_upto(ENGINE["max_batch"])
+  buckets = scheduler.powers_of_two_upto(ENGINE["max_batch"])
   monkeypatch.setattr(batch_step, "decode_step", step_lib.jit_step(
       chex.assert_max_traces(counted, n=len(buckets))))
   # 14 requests (more than the pool holds), arriving about one per step.

@@ -7,53 +7,24 @@ import pytest
 
 from wisp_jax.models.config import get_config
 from wisp_jax.models.experts import ResidentSource
+from wisp_jax.serving import blocks
 from wisp_jax.serving import kv_pool
-from wisp_jax.serving.kv_pool import BlockAllocator, KVPool, PagedKV
+from wisp_jax.serving.kv_pool import KVPool, PagedKV
 
 CONFIG = get_config("tiny")  # L=2, Hkv=1, Dh=10, max_seq_len=256
 
 
-def test_allocator_by_hand():
-  alloc = BlockAllocator(6)
-  assert alloc.alloc(3) == [0, 1, 2]
-  assert alloc.alloc(2) == [3, 4]
-  assert (alloc.num_in_use, alloc.num_free, alloc.peak_in_use) == (5, 1, 5)
-  alloc.free([1, 3])
-  assert (alloc.num_in_use, alloc.num_free, alloc.peak_in_use) == (3, 3, 5)
-  # Lowest free ids first.
-  assert alloc.alloc(2) == [1, 3]
-  assert alloc.alloc(1) == [5]
-  assert (alloc.num_in_use, alloc.peak_in_use) == (6, 6)
-  assert not alloc.can_alloc(1)
-  with pytest.raises(MemoryError, match="1 blocks wanted, 0 of 6 free"):
-    alloc.alloc(1)
-  alloc.free([0, 1, 2, 3, 4, 5])
-  assert (alloc.num_in_use, alloc.num_free, alloc.peak_in_use) == (0, 6, 6)
-  with pytest.raises(ValueError, match="block 2 is not in use"):
-    alloc.free([2])
-  with pytest.raises(ValueError, match="at least one block"):
-    BlockAllocator(0)
-
-
-def test_failed_alloc_takes_nothing():
-  alloc = BlockAllocator(4)
-  alloc.alloc(3)
-  with pytest.raises(MemoryError):
-    alloc.alloc(2)
-  assert alloc.num_free == 1 and alloc.alloc(1) == [3]
-
-
 def test_sizes():
-  assert kv_pool.blocks_for(0, 4) == 0
-  assert kv_pool.blocks_for(8, 4) == 2
-  assert kv_pool.blocks_for(9, 4) == 3
-  assert kv_pool.max_blocks_per_request(CONFIG, 16) == 16
+  assert blocks.blocks_for(0, 4) == 0
+  assert blocks.blocks_for(8, 4) == 2
+  assert blocks.blocks_for(9, 4) == 3
+  assert blocks.max_blocks_per_request(CONFIG, 16) == 16
   # K and V x 2 layers x 4 positions x 1 head x 10 dims x 4 bytes.
   assert kv_pool.block_bytes(CONFIG, 4, jnp.float32) == 640
-  np.testing.assert_array_equal(kv_pool.block_table([[4, 1], [2]], 3),
+  np.testing.assert_array_equal(blocks.block_table([[4, 1], [2]], 3),
                                 [[4, 1, 0], [2, 0, 0]])
   with pytest.raises(ValueError, match="room for 1"):
-    kv_pool.block_table([[1, 2]], 1)
+    blocks.block_table([[1, 2]], 1)
 
 
 def _view(pool, table, length, num_new, write):
@@ -112,7 +83,7 @@ def test_forward_matches_full_sequence(tiny_model):
   for i, n in enumerate(lengths):
     full_tokens[i, :n + 1] = rng.integers(0, CONFIG.vocab_size, size=n + 1)
   pool = KVPool.create(CONFIG, 8, 4, jnp.float32)
-  table = kv_pool.block_table([[5, 2], [7, 0]], 3)
+  table = blocks.block_table([[5, 2], [7, 0]], 3)
   prompts = np.where(np.arange(8) < np.array(lengths)[:, None], full_tokens, 0)
 
   @jax.jit

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from wisp_jax.alloc import simulate
-from wisp_jax.alloc.simulate import Budget, Split
+from wisp_jax.alloc import throughput
+from wisp_jax.alloc.throughput import Budget, Split
 from wisp_jax.alloc.solver import Allocation
 from wisp_jax.alloc.workload import Workload
 from wisp_jax.sim import cost
@@ -66,7 +66,7 @@ def fixed_allocations(workload: Workload, budget: Budget
     share = expert_share(workload, name)
     out[name] = Allocation(
         method=f"fixed-{name}", split=split,
-        prediction=simulate.prediction(workload, split),
+        prediction=throughput.prediction(workload, split),
         details={"expert_share": share})
   return out
 
@@ -119,7 +119,7 @@ def oracle(workload: Workload, budget: Budget, uniform: bool = False
   Raises:
     BudgetError: as `Budget.check`.
   """
-  w, m, t = workload, workload.model, simulate.tables(workload)
+  w, m, t = workload, workload.model, throughput.tables(workload)
   pageable = budget.check(w)
   num_layers, k, num_experts = m.num_layers, m.top_k, m.num_experts
   max_total = min(num_layers * num_experts,
@@ -139,7 +139,7 @@ def oracle(workload: Workload, budget: Budget, uniform: bool = False
     else:
       table, choice = min_layer_misses(t.misses[n - 1], k, max_total)
       misses = table[totals]
-    per_token = simulate.cycle_seconds(w, n, kv, misses, totals) / n
+    per_token = throughput.cycle_seconds(w, n, kv, misses, totals) / n
     i = int(np.argmin(per_token))
     if per_token[i] < best[0]:
       best = (per_token[i], (n, i), choice)
@@ -150,6 +150,6 @@ def oracle(workload: Workload, budget: Budget, uniform: bool = False
     slots = caps_for_total(choice, int(totals[i]))
   split = Split.make(slots, int(kv[i]), num_layers)
   return Allocation(method="oracle-uniform" if uniform else "oracle",
-                    split=split, prediction=simulate.prediction(w, split),
+                    split=split, prediction=throughput.prediction(w, split),
                     details={"concurrency": int(n),
                              "candidates": int(totals.size)})

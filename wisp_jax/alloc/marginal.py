@@ -2,7 +2,7 @@
 
 Both pools are valued in one currency: seconds of device time saved per
 generated token, per byte of device memory (the derivative of the
-simulator's `J = cycle(n) / n`, `alloc.simulate`).
+simulator's `J = cycle(n) / n`, `alloc.throughput`).
 
 Expert slots of layer l at capacity c, with n requests running:
 
@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from wisp_jax.alloc import simulate
+from wisp_jax.alloc import throughput
 from wisp_jax.alloc.workload import Workload
 
 
@@ -45,7 +45,7 @@ def slot_step_savings(workload: Workload, concurrency: int) -> np.ndarray:
   the LRU misses per step x expert bytes / h2d bandwidth, over the
   expert's bytes.
   """
-  t = simulate.tables(workload)
+  t = throughput.tables(workload)
   if not 1 <= concurrency <= workload.concurrency:
     raise ValueError(f"concurrency must lie in [1, C={workload.concurrency}]"
                      f", got {concurrency}.")
@@ -70,9 +70,9 @@ class SlotUnits:
 
 def _linear_gain(workload: Workload, n: int, kv_blocks: float) -> float:
   """Misses per cycle that one slot removes from prefill and recompute."""
-  t = simulate.tables(workload)
+  t = throughput.tables(workload)
   w = workload
-  preempt = float(simulate.full_probability(w, n, kv_blocks)) * n / (
+  preempt = float(throughput.full_probability(w, n, kv_blocks)) * n / (
       w.block_size * w.held_blocks)
   return (n / w.mean_output * t.prefill_union
           + preempt * t.recompute_union) / w.model.num_experts
@@ -95,10 +95,10 @@ def slot_units(workload: Workload, slots_per_layer: Sequence[int],
   Returns:
     the units.
   """
-  w, t = workload, simulate.tables(workload)
+  w, t = workload, throughput.tables(workload)
   caps = np.asarray(slots_per_layer, np.int64)
   num_layers, num_experts = w.model.num_layers, w.model.num_experts
-  n = concurrency or simulate.per_token_seconds(w, caps, kv_blocks)[1]
+  n = concurrency or throughput.per_token_seconds(w, caps, kv_blocks)[1]
   curve = t.misses[n - 1]  # [L, E + 1]
   lin = _linear_gain(w, n, kv_blocks)
   width = np.arange(1, num_experts + 1)
@@ -147,8 +147,8 @@ def kv_value(workload: Workload, slots_per_layer: Sequence[int],
   blocks = kv_unit_blocks(workload) if blocks is None else int(blocks)
   if blocks < 1:
     raise ValueError(f"blocks must be >= 1, got {blocks}.")
-  now = simulate.per_token_seconds(workload, slots_per_layer, kv_blocks)[0]
-  more = simulate.per_token_seconds(workload, slots_per_layer,
+  now = throughput.per_token_seconds(workload, slots_per_layer, kv_blocks)[0]
+  more = throughput.per_token_seconds(workload, slots_per_layer,
                                     kv_blocks + blocks)[0]
   return max(now - more, 0.0) / (blocks * workload.block_bytes)
 
@@ -166,9 +166,9 @@ def slot_removal_losses(workload: Workload, slots_per_layer: Sequence[int],
                         ) -> np.ndarray:
   """`[L]` seconds per token lost per byte by removing each layer's last
   slot (+inf where a layer is at top_k)."""
-  w, t = workload, simulate.tables(workload)
+  w, t = workload, throughput.tables(workload)
   caps = np.asarray(slots_per_layer, np.int64)
-  n = concurrency or simulate.per_token_seconds(w, caps, kv_blocks)[1]
+  n = concurrency or throughput.per_token_seconds(w, caps, kv_blocks)[1]
   curve = t.misses[n - 1]
   rows = np.arange(caps.size)
   below = np.maximum(caps - 1, 0)

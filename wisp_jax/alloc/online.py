@@ -28,7 +28,7 @@ import numpy as np
 
 from wisp_jax.alloc import solver
 from wisp_jax.alloc.curves import RoutingCurves
-from wisp_jax.alloc.simulate import Budget, BudgetError, Split
+from wisp_jax.alloc.throughput import Budget, BudgetError, Split
 from wisp_jax.alloc.workload import Workload
 from wisp_jax.sim import mrc
 

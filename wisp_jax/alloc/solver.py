@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from wisp_jax.alloc import marginal
-from wisp_jax.alloc import simulate
-from wisp_jax.alloc.simulate import (Budget, BudgetError, Prediction, Split,
+from wisp_jax.alloc import throughput
+from wisp_jax.alloc.throughput import (Budget, BudgetError, Prediction, Split,
                                      predict, prediction)
 from wisp_jax.alloc.workload import Workload
 
@@ -140,7 +140,7 @@ def _sorted_segments(workload: Workload, concurrency: int
   """Hull segments of every layer at n, steepest first: (layer, width)."""
   cache = _SEGMENTS.setdefault(workload, {})
   if concurrency not in cache:
-    m, t = workload.model, simulate.tables(workload)
+    m, t = workload.model, throughput.tables(workload)
     curves = t.misses[concurrency - 1]
     segments = [(slope, layer, b - a) for layer in range(m.num_layers)
                 for a, b, slope in lower_hull_segments(curves[layer],
@@ -181,12 +181,12 @@ def _operating_point(workload: Workload, total_slots: int, kv: int,
   if uniform:
     caps = np.full(m.num_layers, min(total_slots // m.num_layers,
                                      m.num_experts))
-    return caps, simulate.per_token_seconds(workload, caps, kv)[0]
+    return caps, throughput.per_token_seconds(workload, caps, kv)[0]
   most = int(min(workload.concurrency, kv // workload.held_blocks))
   best = (np.inf, None)
   for n in range(1, max(most, 1) + 1):
     caps = rebalance(workload, total_slots, n)
-    value = simulate.per_token_seconds(workload, caps, kv)[0]
+    value = throughput.per_token_seconds(workload, caps, kv)[0]
     if value < best[0]:
       best = (value, caps)
   return best[1], best[0]
@@ -198,7 +198,7 @@ def _exchange(workload: Workload, budget: Budget, caps: np.ndarray,
   w, m = workload, workload.model
   unit = marginal.kv_unit_blocks(w)
   pageable = budget.pageable_bytes(w)
-  best = simulate.per_token_seconds(w, caps, kv)[0]
+  best = throughput.per_token_seconds(w, caps, kv)[0]
   moves = 0
   while moves < _MAX_EXCHANGES:
     candidates = []
@@ -255,7 +255,7 @@ def solve(workload: Workload, budget: Budget, uniform: bool = False,
       **counts, "greedy_tokens_per_s": predict(w, greedy_split),
       "greedy_split": greedy_split.to_dict(), "exchanges": 0}
   if rebalance_layers and not uniform:
-    value = simulate.per_token_seconds(w, caps, kv)[0]
+    value = throughput.per_token_seconds(w, caps, kv)[0]
     spread, spread_value = _operating_point(w, int(caps.sum()), kv, False)
     if spread_value < value:
       caps = spread
@@ -271,7 +271,7 @@ def solve(workload: Workload, budget: Budget, uniform: bool = False,
     if exchange:
       start_caps, start_kv, moves = _exchange(w, budget, start_caps,
                                               start_kv, uniform)
-    value = simulate.per_token_seconds(w, start_caps, start_kv)[0]
+    value = throughput.per_token_seconds(w, start_caps, start_kv)[0]
     ends.append((value, name, start_caps, start_kv, moves))
   _, details["start"], caps, kv, details["exchanges"] = min(
       ends, key=lambda e: e[0])

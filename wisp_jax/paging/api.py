@@ -12,7 +12,8 @@ from wisp_jax.models import moe
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.models.experts import SourceSpec
 from wisp_jax.paging import bank as bank_lib
-from wisp_jax.paging.policies import get_policy
+from wisp_jax.paging import pager
+from wisp_jax.paging.policies import get_policy, most_used
 from wisp_jax.paging.sources import SOURCES, spec_for
 
 
@@ -90,27 +91,16 @@ def hot_set_from_routing(routing_ids: Sequence[np.ndarray], num_experts: int,
     flat = np.asarray(ids).reshape(num_layers, -1)
     for layer in range(num_layers):
       counts[layer] += np.bincount(flat[layer], minlength=num_experts)
-  order = np.lexsort((np.arange(num_experts)[None].repeat(num_layers, 0),
-                      -counts), axis=-1)
-  return order[:, :slots].astype(np.int32)
+  return most_used(counts, slots)
 
 
 def validate_slots(config: MoEConfig, slots_per_layer) -> np.ndarray:
   """`[L]` slots per layer; raises unless top_k <= S <= E in every layer."""
-  slots = np.broadcast_to(np.asarray(slots_per_layer), (config.num_layers,))
-  if not np.issubdtype(slots.dtype, np.integer):
-    raise ValueError(f"slots_per_layer must be integers, got {slots_per_layer}.")
-  for layer, s in enumerate(slots.tolist()):
-    if s < config.top_k:
-      raise ValueError(
-          f"slots_per_layer={s} in layer {layer} is below top_k="
-          f"{config.top_k}: one token would not fit. Use at least {config.top_k}.")
-    if s > config.num_experts:
-      raise ValueError(
-          f"slots_per_layer={s} in layer {layer} exceeds num_experts="
-          f"{config.num_experts}; use at most {config.num_experts} (or the "
-          "resident source).")
-  return slots.astype(np.int32)
+  return pager.check_capacity(
+      slots_per_layer, config.num_layers, config.top_k, config.num_experts,
+      low_why=f"top_k={config.top_k}: one token's experts would not fit",
+      high_why=f"its {config.num_experts} experts (use the resident source)",
+      low_label=f"top_k={config.top_k}", high_label=f"E={config.num_experts}")
 
 
 def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,

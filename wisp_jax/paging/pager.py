@@ -86,6 +86,51 @@ class ChunkPlan:
   slot_of_expert: jax.Array
 
 
+def check_capacity(capacity, num_layers: int, low: int, high: int, *,
+                   low_why: str, high_why: str, low_label: str = "",
+                   high_label: str = "",
+                   error: type[Exception] = ValueError) -> np.ndarray:
+  """Slots per layer, checked: the one validation of a capacity.
+
+  Args:
+    capacity: an int (every layer) or `L` ints.
+    num_layers: L.
+    low: fewest slots a layer may have.
+    high: most slots a layer may have.
+    low_why: what `low` is, e.g. "top_k=2: one token's experts would not
+      fit" (the message reads "fewer than {low_why}").
+    high_why: what `high` is, e.g. "its 8 experts".
+    low_label: `low` in the message's range, e.g. "top_k=2" (default: the
+      number).
+    high_label: `high` likewise, e.g. "E=8".
+    error: the exception type to raise.
+
+  Returns:
+    `[L]` int32 slots per layer.
+
+  Raises:
+    error: naming the layer, its value and the bound.
+  """
+  values = np.asarray(capacity)
+  if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+    raise error(f"slots per layer must be integers, got {capacity!r}.")
+  if values.ndim > 1 or (values.ndim == 1 and values.size != num_layers):
+    raise error(f"slots per layer must be an int or {num_layers} ints (one "
+                f"per layer), got {values.size} values: "
+                f"{values.ravel().tolist()}.")
+  values = np.broadcast_to(values, (num_layers,)).astype(np.int32)
+  bounds = (f"capacity must lie in [{low_label or low}, {high_label or high}]"
+            f", got {values.tolist()}")
+  for layer, slots in enumerate(values.tolist()):
+    if slots < low:
+      raise error(f"layer {layer} gets {slots} expert slots, fewer than "
+                  f"{low_why} ({bounds}). Give every layer at least {low}.")
+    if slots > high:
+      raise error(f"layer {layer} gets {slots} expert slots, more than "
+                  f"{high_why} ({bounds}); use at most {high}.")
+  return values
+
+
 def init_state(policy: Policy, num_layers: int, num_experts: int,
                num_slots: int, capacity=None, hot_set=None) -> PagerState:
   """Empty caches (or, for `pinned`, the hot set already resident).
@@ -99,11 +144,9 @@ def init_state(policy: Policy, num_layers: int, num_experts: int,
     hot_set: `[L, S]` expert ids resident from the start, -1 for an empty
       slot (required for `pinned`, whose slots never change).
   """
-  cap = np.broadcast_to(np.asarray(num_slots if capacity is None else capacity,
-                                   np.int32), (num_layers,))
-  if cap.min() < 1 or cap.max() > num_slots:
-    raise ValueError(f"per-layer capacity must be in [1, {num_slots}], got "
-                     f"{cap.tolist()}.")
+  cap = check_capacity(num_slots if capacity is None else capacity,
+                       num_layers, 1, num_slots, low_why="1",
+                       high_why=f"the buffer's {num_slots} slot rows")
   expert_in_slot = np.full((num_layers, num_slots), -1, np.int32)
   slot_of_expert = np.full((num_layers, num_experts), -1, np.int32)
   if hot_set is not None:

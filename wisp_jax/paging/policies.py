@@ -31,8 +31,8 @@ class Policy(NamedTuple):
 
   Attributes:
     name: registry name.
-    init: `num_experts -> state` (a pytree of `[E]` numpy arrays; the
-      pager stacks and places them).
+    init: `num_experts -> state`, a NamedTuple of `[E]` numpy arrays (the
+      pager stacks and places them); its class names the fields.
     update: `(state, needed [E] bool, missed [E] bool, tick [] int32) ->
       state`, called once per step with the experts the step needed and
       those that were not resident.
@@ -50,32 +50,77 @@ class Policy(NamedTuple):
   needs_hint: bool = False
 
 
-def _last_use_init(num_experts):
-  return {"last_use": np.full((num_experts,), -1, np.int32)}
+class EmptyState(NamedTuple):
+  """State of a policy that keeps none (`pinned`, `min`)."""
 
 
-def _touch(state, needed, missed, tick):
-  del missed
-  return {**state, "last_use": jnp.where(needed, tick, state["last_use"])}
+class LastUseState(NamedTuple):
+  """`lru` and `ws`.
+
+  Attributes:
+    last_use: `[E]` int32 last step that needed each expert (-1: never).
+  """
+  last_use: Any
+
+
+class FifoState(NamedTuple):
+  """`fifo`.
+
+  Attributes:
+    loaded_at: `[E]` int32 step each expert was last loaded (-1: never).
+  """
+  loaded_at: Any
+
+
+class LfuState(NamedTuple):
+  """`lfu`.
+
+  Attributes:
+    count: `[E]` int32 reference counts (halved every `age_every` steps).
+    last_use: `[E]` int32 last step that needed each expert (ties).
+  """
+  count: Any
+  last_use: Any
+
+
+def _never(num_experts):
+  return np.full((num_experts,), -1, np.int32)
+
+
+def _touch(last_use, needed, tick):
+  return jnp.where(needed, tick, last_use)
+
+
+def _empty_init(num_experts):
+  del num_experts
+  return EmptyState()
+
+
+def _unchanged(state, needed, missed, tick):
+  del needed, missed, tick
+  return state
 
 
 def lru() -> Policy:
   """Least recently used: keep the most recently needed experts."""
-  return Policy("lru", _last_use_init, _touch,
-                lambda s, tick, hint: (s["last_use"],))
+
+  def update(state, needed, missed, tick):
+    del missed
+    return LastUseState(_touch(state.last_use, needed, tick))
+
+  return Policy("lru", lambda e: LastUseState(_never(e)), update,
+                lambda s, tick, hint: (s.last_use,))
 
 
 def fifo() -> Policy:
   """First in, first out: keep the most recently *loaded* experts."""
 
-  def init(num_experts):
-    return {"loaded_at": np.full((num_experts,), -1, np.int32)}
-
   def update(state, needed, missed, tick):
     del needed
-    return {"loaded_at": jnp.where(missed, tick, state["loaded_at"])}
+    return FifoState(jnp.where(missed, tick, state.loaded_at))
 
-  return Policy("fifo", init, update, lambda s, tick, hint: (s["loaded_at"],))
+  return Policy("fifo", lambda e: FifoState(_never(e)), update,
+                lambda s, tick, hint: (s.loaded_at,))
 
 
 def lfu(age_every: int = 0) -> Policy:
@@ -89,17 +134,17 @@ def lfu(age_every: int = 0) -> Policy:
     raise ValueError(f"lfu age_every must be >= 0, got {age_every}.")
 
   def init(num_experts):
-    return {"count": np.zeros((num_experts,), np.int32),
-            **_last_use_init(num_experts)}
+    return LfuState(np.zeros((num_experts,), np.int32), _never(num_experts))
 
   def update(state, needed, missed, tick):
-    count = state["count"] + needed.astype(jnp.int32)
+    del missed
+    count = state.count + needed.astype(jnp.int32)
     if age_every:
       count = jnp.where((tick + 1) % age_every == 0, count >> 1, count)
-    return {**_touch(state, needed, missed, tick), "count": count}
+    return LfuState(count, _touch(state.last_use, needed, tick))
 
   return Policy("lfu", init, update,
-                lambda s, tick, hint: (s["count"], s["last_use"]))
+                lambda s, tick, hint: (s.count, s.last_use))
 
 
 def ws(tau: int = 8) -> Policy:
@@ -113,17 +158,21 @@ def ws(tau: int = 8) -> Policy:
   if tau < 1:
     raise ValueError(f"ws tau must be >= 1, got {tau}.")
 
-  def keys(state, tick, hint):
-    in_window = (state["last_use"] > tick - tau).astype(jnp.int32)
-    return in_window, state["last_use"]
+  def update(state, needed, missed, tick):
+    del missed
+    return LastUseState(_touch(state.last_use, needed, tick))
 
-  return Policy("ws", _last_use_init, _touch, keys)
+  def keys(state, tick, hint):
+    in_window = (state.last_use > tick - tau).astype(jnp.int32)
+    return in_window, state.last_use
+
+  return Policy("ws", lambda e: LastUseState(_never(e)), update, keys)
 
 
 def pinned() -> Policy:
   """A fixed hot set loaded once; misses are served transiently."""
-  return Policy("pinned", lambda e: {}, lambda s, *a: s,
-                lambda s, tick, hint: (), evicts=False)
+  return Policy("pinned", _empty_init, _unchanged, lambda s, tick, hint: (),
+                evicts=False)
 
 
 def belady_min() -> Policy:
@@ -135,7 +184,7 @@ def belady_min() -> Policy:
                        "only runs in trace replay, not in live decoding.")
     return (NEVER - hint,)
 
-  return Policy("min", lambda e: {}, lambda s, *a: s, keys, needs_hint=True)
+  return Policy("min", _empty_init, _unchanged, keys, needs_hint=True)
 
 
 _REGISTRY = {"lru": lru, "lfu": lfu, "fifo": fifo, "ws": ws,
@@ -153,6 +202,28 @@ def get_policy(name: str, **kwargs) -> Policy:
     return factory(**kwargs)
   except TypeError:
     raise ValueError(f"policy {name!r} does not take options {kwargs}.") from None
+
+
+def most_used(counts: np.ndarray, capacity) -> np.ndarray:
+  """A `pinned` hot set: each layer's `capacity[l]` most used experts.
+
+  Args:
+    counts: `[L, E]` uses of each expert (e.g. routed tokens).
+    capacity: slots per layer, int or `[L]`.
+
+  Returns:
+    `[L, max(capacity)]` int32 expert ids, most used first (ties to the
+    lower id), -1 past a layer's capacity.
+  """
+  counts = np.asarray(counts)
+  num_layers, num_experts = counts.shape
+  cap = np.broadcast_to(np.asarray(capacity), (num_layers,))
+  order = np.lexsort((np.broadcast_to(np.arange(num_experts), counts.shape),
+                      -counts), axis=-1)
+  width = int(cap.max())
+  hot = order[:, :width].astype(np.int32)
+  hot[np.arange(width)[None, :] >= cap[:, None]] = -1
+  return hot
 
 
 def rank_before(keys: tuple) -> jax.Array:

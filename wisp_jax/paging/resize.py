@@ -29,7 +29,7 @@ import numpy as np
 from flax import struct
 
 from wisp_jax.models import moe
-from wisp_jax.paging.pager import PagerState, compact
+from wisp_jax.paging.pager import PagerState, check_capacity, compact
 from wisp_jax.paging.policies import get_policy, keep_rank, rank_before
 
 
@@ -161,13 +161,8 @@ def resize(state: PagerState, slots: moe.ExpertWeights, capacity,
     ValueError: a capacity outside [1, S] (S = slot rows in the buffer).
   """
   num_layers, num_slots = state.expert_in_slot.shape
-  cap = np.broadcast_to(np.asarray(capacity), (num_layers,))
-  if not np.issubdtype(cap.dtype, np.integer):
-    raise ValueError(f"capacities must be integers, got {capacity!r}.")
-  if cap.min() < 1 or cap.max() > num_slots:
-    raise ValueError(f"capacities must lie in [1, {num_slots}] (the buffer "
-                     f"holds {num_slots} slot rows per layer), got "
-                     f"{cap.tolist()}.")
+  cap = check_capacity(capacity, num_layers, 1, num_slots, low_why="1",
+                       high_why=f"the buffer's {num_slots} slot rows")
   if isinstance(policy_options, dict):
     policy_options = tuple(sorted(policy_options.items()))
   device = state.capacity.sharding

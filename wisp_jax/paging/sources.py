@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wisp_jax.models import moe
+from wisp_jax.models import device, moe
 from wisp_jax.models.experts import SourceSpec
 from wisp_jax.paging import pager
 from wisp_jax.paging import resize as resize_lib
@@ -295,7 +295,7 @@ class PagedSpec(SourceSpec):
     state = pager.init_state(self.rule, num_layers, num_experts, num_slots,
                              capacity, hot_set)
     slots = jax.tree.map(
-        lambda w: _device_zeros((num_layers, num_slots) + w.shape[2:],
+        lambda w: device.zeros((num_layers, num_slots) + w.shape[2:],
                                 jnp.dtype(w.dtype)), bank)
     carry = PagedCarry(slots=slots, state=state)
     if hot_set is not None:
@@ -325,9 +325,6 @@ class PagedSpec(SourceSpec):
     state, slots, moved, evicted = resize_lib.resize(
         carry.state, carry.slots, capacity, self.policy, self.policy_options)
     return PagedCarry(slots=slots, state=state), moved, evicted
-
-
-_device_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))
 
 
 @jax.jit

@@ -19,7 +19,6 @@ Shape legend as in `wisp_jax.models.moe` and `wisp_jax.serving.kv_pool`.
 from __future__ import annotations
 
 import collections
-import dataclasses
 from typing import Sequence
 
 import jax
@@ -28,6 +27,7 @@ from flax import struct
 
 from wisp_jax.serving import step as step_lib
 from wisp_jax.serving.kv_pool import KVPool, PagedKV
+from wisp_jax.serving.scheduler import Row
 
 # Traces of each step kind in this process ("prefill", "decode"); the jitted
 # functions below are shared by every engine, so a trace happens once per
@@ -58,17 +58,6 @@ class StepInput:
     """The pool seen by this step's rows."""
     return PagedKV(pool=pool, block_table=self.block_table,
                    length=self.length, num_new=self.num_new, write=self.write)
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-  """Host description of one row of a step (see `StepInput`)."""
-  tokens: Sequence[int]
-  blocks: Sequence[int]
-  length: int
-  seed: int
-  counter: int
-  temperature: float
 
 
 def make_input(rows: Sequence[Row], batch: int, t: int,
@@ -108,23 +97,3 @@ def make_input(rows: Sequence[Row], batch: int, t: int,
 prefill_step = step_lib.jit_step(step_lib.counted(TRACE_COUNTS, "prefill"))
 # The engine looks this up at call time; tests swap in their own wrapper.
 decode_step = step_lib.jit_step(step_lib.counted(TRACE_COUNTS, "decode"))
-
-
-def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:
-  """`start, 2 start, 4 start, ...` below `limit`, then `limit` itself."""
-  if limit < 1 or start < 1:
-    raise ValueError(f"bucket limits must be >= 1, got {start}..{limit}.")
-  buckets, size = [], start
-  while size < limit:
-    buckets.append(size)
-    size *= 2
-  buckets.append(limit)
-  return tuple(buckets)
-
-
-def bucket_for(size: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= `size`."""
-  for bucket in buckets:
-    if bucket >= size:
-      return bucket
-  raise ValueError(f"size {size} exceeds the largest bucket {buckets[-1]}.")

@@ -19,34 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wisp_jax.alloc.split import BudgetError, Split
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.models.transformer import Decoder, MoEModel
 from wisp_jax.paging import bank as bank_lib
+from wisp_jax.paging.pager import check_capacity
+from wisp_jax.serving import blocks
 from wisp_jax.serving import kv_pool
-
-
-class BudgetError(ValueError):
-  """A split of device memory that does not fit or cannot serve."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """How the free device bytes are divided.
-
-  Attributes:
-    slots_per_layer: expert slots of each layer (`[L]` ints; layers may
-      differ).
-    kv_blocks: blocks in the KV pool.
-  """
-  slots_per_layer: tuple[int, ...]
-  kv_blocks: int
-
-  @classmethod
-  def make(cls, slots_per_layer: int | Sequence[int], kv_blocks: int,
-           num_layers: int) -> "Split":
-    """A split with an int (same in every layer) or per-layer slots."""
-    slots = np.broadcast_to(np.asarray(slots_per_layer), (num_layers,))
-    return cls(tuple(int(s) for s in slots.tolist()), int(kv_blocks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +42,8 @@ class Footprint:
     num_experts: E.
     top_k: K.
     max_seq_len: longest request (prompt + generation).
+    bytes_per_param: bytes of one expert parameter as stored.
+    kv_bytes_per_value: bytes of one cached key or value element.
   """
   dense_bytes: int
   expert_bytes: int
@@ -72,6 +53,8 @@ class Footprint:
   num_experts: int
   top_k: int
   max_seq_len: int
+  bytes_per_param: int
+  kv_bytes_per_value: int
 
   @classmethod
   def of_config(cls, config: MoEConfig, block_size: int,
@@ -101,11 +84,13 @@ class Footprint:
                block_bytes=kv_pool.block_bytes(c, block_size, dtype),
                block_size=int(block_size), num_layers=c.num_layers,
                num_experts=c.num_experts, top_k=c.top_k,
-               max_seq_len=c.max_seq_len)
+               max_seq_len=c.max_seq_len,
+               bytes_per_param=int(expert) // c.expert_params,
+               kv_bytes_per_value=jnp.dtype(dtype).itemsize)
 
   @property
   def blocks_per_max_request(self) -> int:
-    return kv_pool.blocks_for(self.max_seq_len, self.block_size)
+    return blocks.blocks_for(self.max_seq_len, self.block_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,16 +168,12 @@ class DeviceBudget:
     if len(split.slots_per_layer) != f.num_layers:
       raise BudgetError(f"split has slots for {len(split.slots_per_layer)} "
                         f"layers; the model has {f.num_layers}.")
-    for layer, slots in enumerate(split.slots_per_layer):
-      if slots < f.top_k:
-        raise BudgetError(
-            f"layer {layer} gets {slots} expert slots, fewer than top_k="
-            f"{f.top_k}: one token's experts would not fit. Give every layer "
-            f"at least {f.top_k}.")
-      if slots > f.num_experts:
-        raise BudgetError(
-            f"layer {layer} gets {slots} expert slots, more than its "
-            f"{f.num_experts} experts; use at most {f.num_experts}.")
+    check_capacity(split.slots_per_layer, f.num_layers, f.top_k,
+                   f.num_experts,
+                   low_why=f"top_k={f.top_k}: one token's experts would not "
+                   "fit", high_why=f"its {f.num_experts} experts",
+                   low_label=f"top_k={f.top_k}", high_label=f"E={f.num_experts}",
+                   error=BudgetError)
     need = f.blocks_per_max_request
     if split.kv_blocks < need:
       raise BudgetError(

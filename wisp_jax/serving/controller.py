@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from wisp_jax.alloc import online
-from wisp_jax.alloc import simulate as alloc_sim
+from wisp_jax.alloc import throughput as alloc_sim
 from wisp_jax.alloc import solver
 from wisp_jax.alloc.curves import RoutingCurves
 from wisp_jax.alloc.workload import Workload
@@ -83,8 +83,7 @@ class Observation:
 
 def _has_last_use(engine) -> bool:
   state = engine.pager_state
-  return (state is not None and isinstance(state.policy_state, dict) and
-          "last_use" in state.policy_state)
+  return state is not None and hasattr(state.policy_state, "last_use")
 
 
 def observe(engine, record: dict[str, Any], routing: bool = True
@@ -93,17 +92,17 @@ def observe(engine, record: dict[str, Any], routing: bool = True
   experts its decode needed if `routing`)."""
   needed = None
   state = engine.pager_state
-  if routing and record["batch_size"] and _has_last_use(engine):
+  if routing and record.batch_size and _has_last_use(engine):
     # The step's decode ran last, at tick - 1.
-    last_use, tick = jax.device_get((state.policy_state["last_use"],
+    last_use, tick = jax.device_get((state.policy_state.last_use,
                                      state.tick))
     needed = np.asarray(last_use) == int(tick) - 1
-  waiting = record["queue_length"]
-  kv_limited = (record["batch_size"] < engine.max_batch or
-                record["preemptions"] > 0)
+  waiting = record.queue_length
+  kv_limited = (record.batch_size < engine.max_batch or
+                record.preemptions > 0)
   return Observation(
-      step=record["step"], kv_blocks=record["kv_blocks"],
-      kv_peak=record["kv_blocks_step_peak"], batch=record["batch_size"],
+      step=record.step, kv_blocks=record.kv_blocks,
+      kv_peak=record.kv_blocks_step_peak, batch=record.batch_size,
       waiting=waiting, kv_waiting=waiting if kv_limited else 0,
       needed=needed,
       lengths={r.request_id: (len(r.prompt), r.max_new_tokens)
@@ -178,10 +177,10 @@ class StepCurveRule:
     chosen = online.step_curve_split(
         self.budget.free_bytes, f.expert_bytes, f.block_bytes, f.num_layers,
         f.top_k, f.num_experts, f.blocks_per_max_request,
-        alloc_sim.Split(current.slots_per_layer, current.kv_blocks),
+        current,
         max(o.kv_peak for o in window), window[-1].kv_waiting,
         self.headroom, self.dead_zone)
-    chosen = fit(Split(chosen.slots_per_layer, chosen.kv_blocks),
+    chosen = fit(chosen,
                  self.budget, self.max_slots, self.kv_granule)
     # Slots unchanged and KV within the dead zone: not worth a barrier.
     if (chosen.slots_per_layer == current.slots_per_layer and
@@ -222,9 +221,8 @@ class MVRule:
     self.curve_weight, self.kv_granule = curve_weight, kv_granule
     self.uniform = uniform
     self.max_slots = max_slots or max_slots_per_layer(budget, uniform)
-    self.bytes_per_param = f.expert_bytes // config.expert_params
-    self.kv_bytes_per_value = f.block_bytes // (
-        f.block_size * cost.kv_bytes_per_token(config, 1))
+    self.bytes_per_param = f.bytes_per_param
+    self.kv_bytes_per_value = f.kv_bytes_per_value
     if (config.expert_bytes(self.bytes_per_param) != f.expert_bytes or
         f.block_size * cost.kv_bytes_per_token(
             config, self.kv_bytes_per_value) != f.block_bytes):
@@ -276,7 +274,7 @@ class MVRule:
       return current
     # The same pageable bytes as the engine's budget.
     budget = alloc_sim.Budget(self.budget.free_bytes + workload.dense_bytes)
-    now = alloc_sim.Split(current.slots_per_layer, current.kv_blocks)
+    now = current
     if self.uniform:  # online.mv_split, with uniform caps
       best = solver.solve(workload, budget, uniform=True)
       self.last_gain = best.tokens_per_s / solver.predict(workload, now) - 1
@@ -287,7 +285,7 @@ class MVRule:
     if chosen.slots_per_layer == current.slots_per_layer and (
         chosen.kv_blocks == current.kv_blocks):
       return current
-    return fit(Split(chosen.slots_per_layer, chosen.kv_blocks), self.budget,
+    return fit(chosen, self.budget,
                self.max_slots, self.kv_granule)
 
 

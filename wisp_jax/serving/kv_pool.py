@@ -2,8 +2,8 @@
 
 The pool holds `[L, NB, BS, Hkv, Dh]` keys and values (NB blocks of BS
 token positions; one block id covers every layer). Each request owns a list
-of blocks (its block table); the host-side `BlockAllocator` hands blocks out
-and takes them back. Inside a jitted step, `PagedKV` is the view of one
+of blocks (its block table); the host-side `serving.blocks.BlockAllocator` hands
+blocks out and takes them back. Inside a jitted step, `PagedKV` is the view of one
 batch: it implements the cache interface of
 `wisp_jax.models.transformer.Decoder.forward` (`update`, `positions`,
 `advance`), so the model code runs unchanged over rows of different lengths.
@@ -18,29 +18,12 @@ head width.
 
 from __future__ import annotations
 
-import heapq
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
+from wisp_jax.models import device
 from wisp_jax.models.config import MoEConfig
-
-
-# Made on the device: no host transfer (runs under transfer_guard).
-_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-  """Blocks needed to hold `num_tokens` token positions."""
-  return -(-int(num_tokens) // int(block_size))
-
-
-def max_blocks_per_request(config: MoEConfig, block_size: int) -> int:
-  """MB: blocks of one request of the model's maximum length."""
-  return blocks_for(config.max_seq_len, block_size)
 
 
 def block_bytes(config: MoEConfig, block_size: int, dtype) -> int:
@@ -48,72 +31,6 @@ def block_bytes(config: MoEConfig, block_size: int, dtype) -> int:
   c = config
   return (2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim *
           jnp.dtype(dtype).itemsize)
-
-
-class BlockAllocator:
-  """Host-side free list of the pool's block ids.
-
-  Blocks are handed out lowest id first (a heap), so allocation order is
-  deterministic and easy to check by hand.
-  """
-
-  def __init__(self, num_blocks: int):
-    if num_blocks < 1:
-      raise ValueError(f"the KV pool needs at least one block, got "
-                       f"num_blocks={num_blocks}.")
-    self.num_blocks = int(num_blocks)
-    self._free = list(range(self.num_blocks))
-    heapq.heapify(self._free)
-    self._in_use: set[int] = set()
-    self.peak_in_use = 0
-
-  @property
-  def num_free(self) -> int:
-    return len(self._free)
-
-  @property
-  def num_in_use(self) -> int:
-    return len(self._in_use)
-
-  def can_alloc(self, count: int) -> bool:
-    return count <= len(self._free)
-
-  def alloc(self, count: int) -> list[int]:
-    """Takes `count` free blocks (lowest ids first).
-
-    Raises:
-      MemoryError: fewer than `count` blocks are free (nothing is taken).
-    """
-    if count < 0:
-      raise ValueError(f"cannot allocate {count} blocks.")
-    if count > len(self._free):
-      raise MemoryError(f"KV pool exhausted: {count} blocks wanted, "
-                        f"{len(self._free)} of {self.num_blocks} free.")
-    blocks = [heapq.heappop(self._free) for _ in range(count)]
-    self._in_use.update(blocks)
-    self.peak_in_use = max(self.peak_in_use, len(self._in_use))
-    return blocks
-
-  def free(self, blocks: Sequence[int]) -> None:
-    """Returns `blocks` to the free list; raises on a block not in use."""
-    for block in blocks:
-      if block not in self._in_use:
-        raise ValueError(f"block {block} is not in use (double free, or not "
-                         f"from this pool of {self.num_blocks}).")
-      self._in_use.remove(block)
-      heapq.heappush(self._free, block)
-
-
-def block_table(rows: Sequence[Sequence[int]], max_blocks: int) -> np.ndarray:
-  """Stacks per-row block lists into a `[B, MB]` int32 table (0-padded;
-  entries past a row's blocks are never read unmasked)."""
-  table = np.zeros((len(rows), max_blocks), np.int32)
-  for i, blocks in enumerate(rows):
-    if len(blocks) > max_blocks:
-      raise ValueError(f"row {i} holds {len(blocks)} blocks; the table has "
-                       f"room for {max_blocks}.")
-    table[i, :len(blocks)] = blocks
-  return table
 
 
 @struct.dataclass
@@ -135,8 +52,8 @@ class KVPool:
       raise ValueError(f"block_size must be >= 1, got {block_size}.")
     c = config
     shape = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
-    return cls(k=_zeros(shape, jnp.dtype(dtype)),
-               v=_zeros(shape, jnp.dtype(dtype)))
+    return cls(k=device.zeros(shape, jnp.dtype(dtype)),
+               v=device.zeros(shape, jnp.dtype(dtype)))
 
   @property
   def num_blocks(self) -> int:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wisp_jax.models.config import MoEConfig
-from wisp_jax.serving import kv_pool
+from wisp_jax.serving import blocks
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ def validate_request(request: Request, prompt: np.ndarray, config: MoEConfig,
             f"{request.max_new_tokens} = {total} exceeds the model's "
             f"max_seq_len={c.max_seq_len}.")
   # The last token is never written to the pool.
-  need = kv_pool.blocks_for(total - 1, block_size)
+  need = blocks.blocks_for(total - 1, block_size)
   if need > num_blocks:
     return (f"the request needs {need} KV blocks of {block_size} positions "
             f"({total - 1} positions) but the pool has {num_blocks}.")

@@ -83,6 +83,61 @@ class RequestResult:
             "finish_step": self.finish_step}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+  """What one engine step did (one line of `metrics.jsonl`).
+
+  Attributes:
+    step: engine step number.
+    time_s: clock seconds since the engine started.
+    step_s: seconds the step took.
+    batch_size: requests decoded (0: no decode ran).
+    batch_bucket: the decode's padded batch (0 if none).
+    prefills: requests prefilled (admitted or readmitted).
+    prefill_tokens: tokens those prefills processed.
+    decode_context_tokens: key positions the decode rows read.
+    queue_length: requests waiting after the step.
+    running: requests running after the step.
+    kv_blocks: blocks in the KV pool.
+    slots_per_layer: expert slots of each layer.
+    kv_blocks_in_use: blocks held after the step.
+    kv_blocks_step_peak: most blocks held during the step.
+    kv_blocks_peak: most blocks ever held.
+    preemptions: requests preempted in the step.
+    preemptions_total: since the engine started.
+    pager_hits: needed experts found on device, all layers.
+    pager_misses: needed experts not on device.
+    pager_loads: experts copied host -> device.
+    pager_bytes: bytes those copies moved.
+  """
+  step: int
+  time_s: float
+  step_s: float
+  batch_size: int
+  batch_bucket: int
+  prefills: int
+  prefill_tokens: int
+  decode_context_tokens: int
+  queue_length: int
+  running: int
+  kv_blocks: int
+  slots_per_layer: tuple[int, ...]
+  kv_blocks_in_use: int
+  kv_blocks_step_peak: int
+  kv_blocks_peak: int
+  preemptions: int
+  preemptions_total: int
+  pager_hits: int
+  pager_misses: int
+  pager_loads: int
+  pager_bytes: int
+
+  def to_json(self) -> dict[str, Any]:
+    record = dataclasses.asdict(self)
+    record["slots_per_layer"] = list(self.slots_per_layer)
+    return record
+
+
 def percentiles(values: Sequence[float | None],
                 qs: Sequence[int] = (50, 90, 99)) -> dict[str, float | None]:
   """`{"p50": ..., ...}` of the non-None values (None if there are none)."""
@@ -123,7 +178,10 @@ class MetricsWriter:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self._file = open(self.path, "a")
 
-  def write(self, record: dict[str, Any]) -> None:
+  def write(self, record) -> None:
+    """Appends `record` (a dict, or anything with `to_json()`)."""
+    if hasattr(record, "to_json"):
+      record = record.to_json()
     if self._file is not None:
       self._file.write(json.dumps(record) + "\n")
       self._file.flush()

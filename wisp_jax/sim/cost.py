@@ -30,11 +30,13 @@ import dataclasses
 from typing import Any, Literal, Mapping
 
 from wisp_jax.models.config import MoEConfig
+from wisp_jax.paging.sources import SOURCES
 from wisp_jax.sim.hardware import HardwareProfile, get_profile
 
 Mode = Literal["resident", "static_offload", "transient", "paged"]
 Phase = Literal["decode", "prefill"]
-MODES = ("resident", "static_offload", "transient", "paged")
+# The modes are the live expert sources.
+MODES = SOURCES
 
 
 def dense_param_count(config: MoEConfig) -> int:

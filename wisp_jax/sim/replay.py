@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wisp_jax.paging import pager
-from wisp_jax.paging.policies import get_policy
+from wisp_jax.paging.policies import get_policy, most_used
 from wisp_jax.traces.trace import RoutingTrace
 
 Batching = Literal["trace", "single"]
@@ -179,17 +179,11 @@ def next_use_table(masks: np.ndarray, start: int = 0,
 def most_routed(trace: RoutingTrace, capacity: np.ndarray) -> np.ndarray:
   """`[L, max(capacity)]` int32: each layer's `capacity[l]` most routed
   experts (token-level counts, ties to the lower id), -1 padded."""
-  num_layers, num_experts = trace.num_layers, trace.num_experts
-  counts = np.zeros((num_layers, num_experts), np.int64)
-  for layer in range(num_layers):
+  counts = np.zeros((trace.num_layers, trace.num_experts), np.int64)
+  for layer in range(trace.num_layers):
     counts[layer] = np.bincount(trace.ids[:, layer].ravel(),
-                                minlength=num_experts)
-  order = np.lexsort((np.broadcast_to(np.arange(num_experts), counts.shape),
-                      -counts), axis=-1)
-  width = int(capacity.max())
-  hot = order[:, :width].astype(np.int32)
-  hot[np.arange(width)[None, :] >= capacity[:, None]] = -1
-  return hot
+                                minlength=trace.num_experts)
+  return most_used(counts, capacity)
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,15 +272,10 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
   options = tuple(sorted((policy_options or {}).items()))
   rule, run = _replay_fn(policy, options, int(unroll))  # validates the name
   num_layers, num_experts = trace.num_layers, trace.num_experts
-  cap = np.asarray(capacity)
-  if not np.issubdtype(cap.dtype, np.integer) or cap.ndim > 1 or (
-      cap.ndim == 1 and cap.size != num_layers):
-    raise ValueError(f"capacity must be an int or {num_layers} ints (one per "
-                     f"layer), got {capacity!r}.")
-  cap = np.broadcast_to(cap, (num_layers,)).astype(np.int64)
-  if cap.min() < 1 or cap.max() > num_experts:
-    raise ValueError(f"capacity must lie in [1, E={num_experts}] slots per "
-                     f"layer, got {cap.tolist()}; clamp it to that range.")
+  cap = pager.check_capacity(capacity, num_layers, 1, num_experts,
+                             low_why="1",
+                             high_why=f"the trace's {num_experts} experts",
+                             high_label=f"E={num_experts}").astype(np.int64)
   if chunk_steps is not None and chunk_steps < 1:
     raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}.")
   ordinals = step_ordinals(trace, batching)

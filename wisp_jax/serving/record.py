@@ -1,4 +1,4 @@
-"""Recording routing traces from a model: `record`, `record_default`, `run`.
+"""Recording routing traces from a model: `record`, `record_default`.
 
 `record` serves prompts in waves of `batch_size` with
 `generate(..., record_routing=True)` and concatenates the waves into one
@@ -9,26 +9,17 @@ left-padded and the trace holds exactly the tokens the live pager routed
 (`traces.trace.from_generate` drops padding tokens, which the live model
 does route).
 
-`run(config, workdir)` (see configs/record.py) records the shipped default
-model on real-text prompts and writes `workdir/trace.npz`, `config.json`
-and `summary.json`.
+`wisp_jax.runs.record` is the experiment (configs/record.py).
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
-import time
 from typing import Any, Sequence
 
-import ml_collections
 import numpy as np
 
 from wisp_jax import data
 from wisp_jax.traces.trace import RoutingTrace, from_generate
-
-TRACE_FILE = "trace.npz"
-
 
 def concatenate(traces: Sequence[RoutingTrace], source: str = ""
                 ) -> RoutingTrace:
@@ -60,7 +51,7 @@ def concatenate(traces: Sequence[RoutingTrace], source: str = ""
 
 def record(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            batch_size: int, *, equal_length: bool = True,
-           source: str = "wisp_jax.traces.record") -> RoutingTrace:
+           source: str = "wisp_jax.serving.record") -> RoutingTrace:
   """Runs `generate` over `prompts` in waves and records the routing.
 
   Args:
@@ -116,7 +107,7 @@ def record_default(num_prompts: int = 8, max_prompt_bytes: int = 160,
   """
   from wisp_jax.models.default import load_default  # Heavy, load lazily.
   model = load_default()
-  source = (f"wisp_jax.traces.record.record_default(num_prompts="
+  source = (f"wisp_jax.serving.record.record_default(num_prompts="
             f"{num_prompts}, max_prompt_bytes={max_prompt_bytes}, "
             f"max_new_tokens={max_new_tokens}, batch_size={batch_size})")
   return record(model, real_text_prompts(num_prompts, max_prompt_bytes),
@@ -138,30 +129,3 @@ def summarize(trace: RoutingTrace) -> dict[str, Any]:
           "num_experts": trace.num_experts, "top_k": trace.top_k,
           "num_requests": int(np.unique(trace.request).size),
           "expert_entropy_bits": entropy}
-
-
-def run(config: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Records the default model (configs/record.py); returns the summary.
-
-  Writes `workdir/trace.npz` (a `RoutingTrace`), `config.json` and
-  `summary.json`.
-  """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(
-      json.dumps(config.to_dict(), indent=2) + "\n")
-  if config.model != "default":
-    raise ValueError(f"config.model={config.model!r}: only the shipped "
-                     "'default' model can be recorded here; record another "
-                     "model with wisp_jax.traces.record.record(model, ...).")
-  start = time.perf_counter()
-  trace = record_default(config.num_prompts, config.max_prompt_bytes,
-                         config.max_new_tokens, config.batch_size,
-                         config.equal_length)
-  path = workdir / TRACE_FILE
-  trace.save(path)
-  summary = {"trace_path": str(path), "seconds": time.perf_counter() - start,
-             **summarize(trace)}
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  return summary

@@ -19,11 +19,12 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
+from wisp_jax.runs import common
 from wisp_jax.models import config as config_lib
 from wisp_jax.models import default
 from wisp_jax.models.transformer import MoEModel
-from wisp_jax.serving import batch_step
-from wisp_jax.serving import workload as workload_lib
+from wisp_jax.serving import scheduler
+from wisp_jax.serving import request_stream
 from wisp_jax.serving.budget import DeviceBudget
 from wisp_jax.serving.engine import Engine, Request
 from wisp_jax.serving.stats import summarize_requests
@@ -63,8 +64,8 @@ def make_requests(config: ml_collections.ConfigDict,
   """The workload: a JSON-lines file, or stdlib-text requests."""
   w = config.workload
   if w.file:
-    return workload_lib.load_jsonl(w.file, vocab_size)
-  return workload_lib.synthetic_workload(
+    return request_stream.load_jsonl(w.file, vocab_size)
+  return request_stream.synthetic_workload(
       w.num_requests, (w.prompt_len_min, w.prompt_len_max),
       (w.max_new_tokens_min, w.max_new_tokens_max), w.arrival, w.rate,
       vocab_size, w.temperature, w.seed)
@@ -98,7 +99,7 @@ def _warmup(model: MoEModel, config: ml_collections.ConfigDict,
   started = time.perf_counter()
   engine = _engine(model, config, None)
   max_len = model.config.max_seq_len
-  lengths = {batch_step.bucket_for(min(len(r.prompt), max_len - 1),
+  lengths = {scheduler.bucket_for(min(len(r.prompt), max_len - 1),
                                    engine.prefill_buckets) for r in requests}
   # One request per prefill bucket; then a batch that drains one row per
   # step, which visits every decode bucket.
@@ -108,16 +109,10 @@ def _warmup(model: MoEModel, config: ml_collections.ConfigDict,
   return time.perf_counter() - started
 
 
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-  path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def run(config: ml_collections.ConfigDict,
         workdir: str | pathlib.Path) -> dict[str, Any]:
   """Serves the configured workload; returns the contents of summary.json."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_json(workdir / "config.json", config.to_dict())
+  workdir = common.start(workdir, config)
   model, origin = load_model(config)
   c = model.config
   logging.info("model %s (%s): L=%d E=%d K=%d D=%d, max_seq_len=%d", c.name,
@@ -125,7 +120,7 @@ def run(config: ml_collections.ConfigDict,
                c.max_seq_len)
   requests = make_requests(config, c.vocab_size)
   warmup_s = _warmup(model, config, requests) if config.warmup else 0.0
-  metrics_file = workdir / "metrics.jsonl"
+  metrics_file = common.metrics_path(workdir)
   metrics_file.unlink(missing_ok=True)
   engine = _engine(model, config, str(workdir))
   logging.info("engine: %s slots/layer, %d KV blocks of %d, max batch %d, "
@@ -135,15 +130,15 @@ def run(config: ml_collections.ConfigDict,
                len(requests), warmup_s)
 
   def progress(record):
-    if record["step"] % config.log_every == 0:
+    if record.step % config.log_every == 0:
       done = sum(r.finish_reason is not None for r in engine.results.values())
       pager = engine.expert_stats()
       logging.info(
           "step %d: batch %d, queue %d, done %d/%d, KV %d/%d (peak %d), "
-          "preemptions %d, hit rate %.3f", record["step"],
-          record["batch_size"], record["queue_length"], done, len(requests),
-          record["kv_blocks_in_use"], engine.allocator.num_blocks,
-          record["kv_blocks_peak"], record["preemptions_total"],
+          "preemptions %d, hit rate %.3f", record.step,
+          record.batch_size, record.queue_length, done, len(requests),
+          record.kv_blocks_in_use, engine.allocator.num_blocks,
+          record.kv_blocks_peak, record.preemptions_total,
           pager["hit_rate"])
 
   started = time.perf_counter()
@@ -157,7 +152,7 @@ def run(config: ml_collections.ConfigDict,
   summary = {"model": c.name, "model_origin": origin,
              **summarize_requests(results, wall_s),
              "engine": engine.summary(), "warmup_s": warmup_s}
-  _write_json(workdir / "summary.json", summary)
+  common.finish(workdir, summary)
   pager = summary["engine"]["pager"]
   logging.info(
       "served %d/%d requests (%d failed) in %.2f s: %.1f tokens/s, TTFT p50 "

@@ -42,39 +42,10 @@ from typing import Sequence
 import numpy as np
 
 from wisp_jax.alloc.curves import union_size
+from wisp_jax.alloc.split import BudgetError, Split
 from wisp_jax.alloc.workload import Workload
+from wisp_jax.paging.pager import check_capacity
 from wisp_jax.sim import cost
-
-
-class BudgetError(ValueError):
-  """A device budget or split that cannot serve the workload."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """How the pageable bytes are divided (same fields as serving's Split).
-
-  Attributes:
-    slots_per_layer: expert slots of each layer, `L` ints.
-    kv_blocks: blocks in the KV pool.
-  """
-  slots_per_layer: tuple[int, ...]
-  kv_blocks: int
-
-  @classmethod
-  def make(cls, slots_per_layer: int | Sequence[int] | np.ndarray,
-           kv_blocks: int, num_layers: int) -> "Split":
-    """A split with an int (same in every layer) or per-layer slots."""
-    slots = np.broadcast_to(np.asarray(slots_per_layer), (num_layers,))
-    return cls(tuple(int(s) for s in slots.tolist()), int(kv_blocks))
-
-  @property
-  def total_slots(self) -> int:
-    return int(sum(self.slots_per_layer))
-
-  def to_dict(self) -> dict:
-    return {"slots_per_layer": list(self.slots_per_layer),
-            "kv_blocks": self.kv_blocks, "total_slots": self.total_slots}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +107,10 @@ class Budget:
     if slots.shape != (m.num_layers,):
       raise BudgetError(f"split has slots for {slots.size} layers; "
                         f"{m.name} has {m.num_layers}.")
-    if slots.min() < m.top_k or slots.max() > m.num_experts:
-      raise BudgetError(f"slots per layer must lie in [top_k={m.top_k}, E="
-                        f"{m.num_experts}], got {slots.min()}..{slots.max()}.")
+    check_capacity(slots, m.num_layers, m.top_k, m.num_experts,
+                   low_why=f"top_k={m.top_k}", low_label=f"top_k={m.top_k}",
+                   high_label=f"E={m.num_experts}",
+                   high_why=f"its {m.num_experts} experts", error=BudgetError)
     if split.kv_blocks < w.floor_blocks:
       raise BudgetError(f"kv_blocks={split.kv_blocks} is below the floor "
                         f"{w.floor_blocks} ({w.min_concurrency} x "

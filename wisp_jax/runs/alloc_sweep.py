@@ -13,7 +13,6 @@ the oracle (per-layer and uniform) and the fixed splits. Writes to
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import matplotlib
@@ -24,10 +23,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wisp_jax.alloc import allocate
+from wisp_jax.runs import common
+from wisp_jax.runs import allocate
 from wisp_jax.alloc import baselines
 from wisp_jax.alloc import marginal
-from wisp_jax.alloc import simulate
+from wisp_jax.alloc import throughput
 from wisp_jax.alloc import solver
 from wisp_jax.alloc.workload import Workload
 from wisp_jax.models import config as config_lib
@@ -38,7 +38,7 @@ METHODS = ("mv-wsa", "mv-wsa-uniform", "mv-wsa-greedy",
 FIXED = tuple(f"fixed-{name}" for name in baselines.FIXED)
 
 
-def _row(workload: Workload, budget_gib: float, budget: simulate.Budget
+def _row(workload: Workload, budget_gib: float, budget: throughput.Budget
          ) -> tuple[dict[str, Any], dict]:
   """Scores every method on one workload and budget."""
   results = allocate.allocate_all(workload, budget)
@@ -152,7 +152,7 @@ def _plot_landscape(cells, path):
     for cap in caps:
       split = budget.fill(workload, int(cap))
       ok = split.kv_blocks >= workload.floor_blocks
-      rates.append(simulate.predict(workload, split) if ok else np.nan)
+      rates.append(throughput.predict(workload, split) if ok else np.nan)
     oracle = results["oracle"].tokens_per_s
     share = caps * m.num_layers * workload.expert_bytes / (
         budget.pageable_bytes(workload))
@@ -221,14 +221,12 @@ def _plot_marginals(workload, results, path):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the sweep; returns the summary written to summary.json."""
-  out = pathlib.Path(workdir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  out = common.start(workdir, config)
   model = config_lib.get_config(config.model)
   budgets = [float(b) for b in config.budgets_gib]
   curves_cache: dict[str, Any] = {}
   rows, cells = [], {}
-  with open(out / "metrics.jsonl", "w") as metrics:
+  with open(common.metrics_path(out), "w") as metrics:
     for name, wc in config.workloads.items():
       key = json.dumps(wc.trace.to_dict(), sort_keys=True)
       if key not in curves_cache:
@@ -239,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         budget = allocate.budget_of(config, gib, workload)
         try:
           budget.check(workload)
-        except simulate.BudgetError as e:
+        except throughput.BudgetError as e:
           logging.warning("%s at %g GiB: refused: %s", name, gib, e)
           continue
         row, results = _row(workload, gib, budget)
@@ -262,7 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {"model": config.model, "hardware": config.hardware,
              "budgets_gib": budgets, "targets": _targets(rows),
              "rows": rows}
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  common.finish(out, summary)
   logging.info("targets: %s", json.dumps(summary["targets"], indent=2))
 
   _plot_relative(rows, budgets, out / "relative_to_oracle.png")

@@ -39,6 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from wisp_jax.runs import common
 from wisp_jax.models.config import MoEConfig, get_config as get_preset
 from wisp_jax.paging.policies import get_policy
 from wisp_jax.sim import cost, mrc, replay
@@ -68,7 +69,7 @@ def load_trace(config: ml_collections.ConfigDict, preset: MoEConfig
                             s.tokens_per_request, s.batch, seed=s.seed,
                             **options)
   if spec.startswith("record:"):
-    from wisp_jax.traces import record  # Loads the model: lazily.
+    from wisp_jax.serving import record  # Loads the model: lazily.
     if spec != "record:default":
       raise ValueError(f"trace={spec!r}: only 'record:default' (the shipped "
                        "model) can be recorded here; record others with "
@@ -233,16 +234,10 @@ def _as_dict(value) -> dict[str, Any]:
   return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-  path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def run(config: ml_collections.ConfigDict,
         workdir: str | pathlib.Path) -> dict[str, Any]:
   """Runs the study; returns the contents of `summary.json`."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_json(workdir / "config.json", config.to_dict())
+  workdir = common.start(workdir, config)
   preset = get_preset(config.model)
   profile = get_profile(config.hardware if isinstance(config.hardware, str)
                         else dict(config.hardware))
@@ -281,7 +276,7 @@ def run(config: ml_collections.ConfigDict,
                                        if p["paged"]})
 
   one = cost.expert_bytes(model)
-  with open(workdir / "metrics.jsonl", "w") as metrics:
+  with open(common.metrics_path(workdir), "w") as metrics:
     results, replay_seconds = _replay_all(trace, policies, all_options,
                                           replayed, config.batching, metrics)
     any_result = results[policies[0]][replayed[0]]
@@ -330,7 +325,7 @@ def run(config: ml_collections.ConfigDict,
       "replay_seconds": replay_seconds,
       "budgets": budget_rows,
   }
-  _write_json(workdir / "summary.json", summary)
+  common.finish(workdir, summary)
   _plot(summary, workdir, config.paged_policy)
   return summary
 

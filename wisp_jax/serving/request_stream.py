@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from wisp_jax import data
-from wisp_jax.serving.engine import Request
+from wisp_jax.serving.request import Request
 
 ARRIVALS = ("all", "poisson")
 _OPTIONAL = ("temperature", "seed", "stop_token", "request_id",

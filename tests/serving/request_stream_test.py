@@ -1,4 +1,4 @@
-"""Tests of wisp_jax/serving/workload.py and wisp_jax/serving/serve.py."""
+"""Tests of wisp_jax/serving/request_stream.py and wisp_jax/runs/serve.py."""
 
 import importlib.util
 import json
@@ -7,32 +7,32 @@ import pathlib
 import numpy as np
 import pytest
 
-from wisp_jax.serving import serve
-from wisp_jax.serving import workload
+from wisp_jax.runs import serve
+from wisp_jax.serving import request_stream
 
 
 def test_stdlib_prompts_are_real_text_of_the_asked_lengths():
-  prompts = workload.stdlib_prompts(5, 20, 40, 256, seed=1)
+  prompts = request_stream.stdlib_prompts(5, 20, 40, 256, seed=1)
   assert len(prompts) == 5
   assert all(20 <= p.size <= 40 for p in prompts)
-  again = workload.stdlib_prompts(5, 20, 40, 256, seed=1)
+  again = request_stream.stdlib_prompts(5, 20, 40, 256, seed=1)
   assert all(np.array_equal(a, b) for a, b in zip(prompts, again))
   text = bytes(np.concatenate(prompts).astype(np.uint8).tolist())
   assert np.mean([32 <= b < 127 or b in (9, 10) for b in text]) > 0.95
-  small = workload.stdlib_prompts(3, 5, 5, 61, seed=1)
+  small = request_stream.stdlib_prompts(3, 5, 5, 61, seed=1)
   assert all(p.max() < 61 for p in small)
 
 
 def test_arrivals():
-  np.testing.assert_array_equal(workload.arrival_steps(3, "all", 0.0), 0)
-  steps = workload.arrival_steps(400, "poisson", 0.5, seed=0)
+  np.testing.assert_array_equal(request_stream.arrival_steps(3, "all", 0.0), 0)
+  steps = request_stream.arrival_steps(400, "poisson", 0.5, seed=0)
   assert steps[0] == 0 and np.all(np.diff(steps) >= 0)
   # About 2 steps between arrivals at 0.5 per step.
   assert 1.7 < steps[-1] / 399 < 2.3
   with pytest.raises(ValueError, match="unknown arrival pattern 'burst'"):
-    workload.arrival_steps(3, "burst", 1.0)
+    request_stream.arrival_steps(3, "burst", 1.0)
   with pytest.raises(ValueError, match="rate > 0"):
-    workload.arrival_steps(3, "poisson", 0.0)
+    request_stream.arrival_steps(3, "poisson", 0.0)
 
 
 def test_jsonl_workload(tmp_path):
@@ -40,16 +40,16 @@ def test_jsonl_workload(tmp_path):
   path.write_text('{"prompt": "ab", "max_new_tokens": 3}\n\n'
                   '{"tokens": [1, 2], "max_new_tokens": 2, "arrival_step": 4,'
                   ' "request_id": "x", "temperature": 0.5}\n')
-  first, second = workload.load_jsonl(path, 256)
+  first, second = request_stream.load_jsonl(path, 256)
   assert list(first.prompt) == [97, 98] and first.request_id == 0
   assert (second.request_id, second.arrival_step, second.temperature) == (
       "x", 4, 0.5)
   path.write_text('{"prompt": "a"}\n')
   with pytest.raises(ValueError, match="line 1: 'max_new_tokens' is missing"):
-    workload.load_jsonl(path, 256)
+    request_stream.load_jsonl(path, 256)
   path.write_text('{"prompt": "a", "max_new_tokens": 1, "top_p": 1}\n')
   with pytest.raises(ValueError, match=r"unknown fields \['top_p'\]"):
-    workload.load_jsonl(path, 256)
+    request_stream.load_jsonl(path, 256)
 
 
 def test_serve_tiny_writes_its_outputs(tiny_model, tmp_path, monkeypatch):

@@ -30,10 +30,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from wisp_jax.runs import common
 from wisp_jax.serving import batch_step
 from wisp_jax.serving import controller as ctl
-from wisp_jax.serving import serve
-from wisp_jax.serving import workload as workload_lib
+from wisp_jax.runs import serve
+from wisp_jax.serving import request_stream
 from wisp_jax.serving.budget import DeviceBudget, Split
 from wisp_jax.serving.engine import Engine, Request
 from wisp_jax.models.config import MoEConfig
@@ -47,7 +48,7 @@ def make_phases(config, vocab_size: int) -> list[list[Request]]:
   """The requests of every phase (stdlib-text prompts, Poisson arrivals)."""
   phases = []
   for p in config.phases:
-    requests = workload_lib.synthetic_workload(
+    requests = request_stream.synthetic_workload(
         p.num_requests, (p.prompt_len_min, p.prompt_len_max),
         (p.max_new_tokens_min, p.max_new_tokens_max), "poisson", p.rate,
         vocab_size, 0.0, p.seed)
@@ -65,7 +66,7 @@ def make_budget(config, model) -> DeviceBudget:
   return DeviceBudget(total, int(b.workspace_mib * MIB), bound.footprint)
 
 
-def modeled_step_s(record: dict[str, Any], config: MoEConfig, hardware,
+def modeled_step_s(record, config: MoEConfig, hardware,
                    bytes_per_param: int) -> float:
   """Seconds `sim.cost` gives an engine step on `hardware`: its prefill
   passes (equal lengths assumed), its decode pass (the rows' mean context)
@@ -78,14 +79,14 @@ def modeled_step_s(record: dict[str, Any], config: MoEConfig, hardware,
                           mode="paged", phase=phase, misses=0,
                           bytes_per_param=bytes_per_param).total_s
 
-  if record["prefills"]:
-    total += record["prefills"] * pass_s(
-        "prefill", 1, record["prefill_tokens"] / record["prefills"])
-  if record["batch_size"]:
-    total += pass_s("decode", record["batch_size"],
-                    record["decode_context_tokens"] / record["batch_size"])
+  if record.prefills:
+    total += record.prefills * pass_s(
+        "prefill", 1, record.prefill_tokens / record.prefills)
+  if record.batch_size:
+    total += pass_s("decode", record.batch_size,
+                    record.decode_context_tokens / record.batch_size)
   one_expert = cost.expert_bytes(config, bytes_per_param)
-  return total + record["pager_loads"] * one_expert / (
+  return total + record.pager_loads * one_expert / (
       get_profile(hardware).h2d_bytes_per_s)
 
 
@@ -138,9 +139,9 @@ def _tally(run: dict, phase_names, step_s) -> dict[str, Any]:
   for name, (lo, hi, wall), results in zip(phase_names, run["bounds"],
                                            run["results"]):
     records = run["records"][lo:hi]
-    tokens = sum(r["batch_size"] + r["prefills"] for r in records)
+    tokens = sum(r.batch_size + r.prefills for r in records)
     assert tokens == sum(len(r.tokens) for r in results)
-    loads = sum(r["pager_loads"] for r in records)
+    loads = sum(r.pager_loads for r in records)
     modeled = sum(step_s(r) for r in records)
     out[name] = {"tokens": tokens, "steps": len(records),
                  "modeled_s": modeled, "cpu_wall_s": wall,
@@ -159,15 +160,15 @@ def _timeline(run: dict) -> list[dict]:
   """The split at the first step and at every change, and the last step."""
   points, last = [], None
   for r in run["records"]:
-    split = (r["slots_per_layer"], r["kv_blocks"])
+    split = (r.slots_per_layer, r.kv_blocks)
     if split != last:
-      points.append({"step": r["step"], "slots_per_layer": split[0],
+      points.append({"step": r.step, "slots_per_layer": list(split[0]),
                      "kv_blocks": split[1]})
       last = split
   if run["records"]:
     r = run["records"][-1]
-    points.append({"step": r["step"], "slots_per_layer": r["slots_per_layer"],
-                   "kv_blocks": r["kv_blocks"]})
+    points.append({"step": r.step, "slots_per_layer": list(r.slots_per_layer),
+                   "kv_blocks": r.kv_blocks})
   return points
 
 
@@ -204,9 +205,7 @@ def _same_tokens(a: dict, b: dict) -> bool:
 def run(config: ml_collections.ConfigDict,
         workdir: str | pathlib.Path) -> dict[str, Any]:
   """Runs the comparison; returns the contents of summary.json."""
-  out = pathlib.Path(workdir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  out = common.start(workdir, config)
   model, origin = serve.load_model(config)
   c = model.config
   budget = make_budget(config, model)
@@ -249,7 +248,7 @@ def run(config: ml_collections.ConfigDict,
 
   reference = next(iter(runs.values()))[2]
   summary_runs = {}
-  with open(out / "metrics.jsonl", "w") as metrics:
+  with open(common.metrics_path(out), "w") as metrics:
     for name, (kind, split, result) in runs.items():
       summary_runs[name] = {
           "kind": kind, "initial_split": {
@@ -260,13 +259,13 @@ def run(config: ml_collections.ConfigDict,
           "hit_rate": result["pager"]["hit_rate"],
           "same_tokens_as_first_run": _same_tokens(result, reference),
           "timeline": _timeline(result),
-          "phase_starts": [result["records"][lo]["step"] if lo < hi else None
+          "phase_starts": [result["records"][lo].step if lo < hi else None
                            for lo, hi, _ in result["bounds"]]}
       for phase, (lo, hi, _) in zip(names, result["bounds"]):
         for record in result["records"][lo:hi]:
           metrics.write(json.dumps({"run": name, "phase": phase,
                                     "modeled_step_s": step_s(record),
-                                    **record}) + "\n")
+                                    **record.to_json()}) + "\n")
 
   fixed_names = list(fixed)
   comparison = {}
@@ -293,7 +292,7 @@ def run(config: ml_collections.ConfigDict,
              "hardware": dataclasses.asdict(hardware), "phases": names,
              "comparison": comparison,
              "new_traces_in_timed_runs": new_traces, "runs": summary_runs}
-  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  common.finish(out, summary)
   _plot(out / "split_over_time.png", summary)
   for name, r in summary_runs.items():
     logging.info("%-12s modeled tok/s: %s, overall %.1f (CPU %.1f); %d "

@@ -1,4 +1,4 @@
-"""Tests of wisp_jax/alloc/allocate.py and sweep.py on the `tiny` configs."""
+"""Tests of wisp_jax/runs/allocate.py and alloc_sweep.py on the `tiny` configs."""
 
 import importlib.util
 import json
@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from wisp_jax.alloc import allocate
-from wisp_jax.alloc import sweep
+from wisp_jax.runs import allocate
+from wisp_jax.runs import alloc_sweep as sweep
 
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
 

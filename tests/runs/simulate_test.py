@@ -1,4 +1,4 @@
-"""Tests of wisp_jax/sim/simulate.py on the `tiny` config."""
+"""Tests of wisp_jax/runs/simulate.py on the `tiny` config."""
 
 import importlib.util
 import json
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from wisp_jax.models.config import get_config as get_preset
-from wisp_jax.sim import cost, mrc, simulate
+from wisp_jax.runs import simulate
+from wisp_jax.sim import cost, mrc
 from wisp_jax.traces import synthetic
 
 CONFIG_FILE = pathlib.Path(__file__).parents[2] / "configs" / "simulate.py"

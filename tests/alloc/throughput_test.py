@@ -1,9 +1,9 @@
-"""Tests of wisp_jax/alloc/simulate.py: the simulator against cost.py."""
+"""Tests of wisp_jax/alloc/throughput.py (the throughput model)."""
 
 import numpy as np
 import pytest
 
-from wisp_jax.alloc import simulate
+from wisp_jax.alloc import throughput
 from wisp_jax.alloc.curves import union_size
 from wisp_jax.sim import cost
 from tests.alloc.testlib import TOY_DEVICE, make_workload
@@ -16,7 +16,7 @@ def test_prediction_is_cost_model_composition():
   # One request (C=1) of 8 prompt + 9 output tokens: decode context is
   # positions 9..17, mean 13; the pool holds it whole, so no preemption.
   w = make_workload(MISSES, prompt=8, output=9)
-  split = simulate.Split.make([3, 4], w.floor_blocks, 2)
+  split = throughput.Split.make([3, 4], w.floor_blocks, 2)
   model = w.model
   decode = cost.step_cost(model, TOY_DEVICE, batch=1, context_len=13,
                           misses=2 + 2, needed_experts=8)
@@ -27,7 +27,7 @@ def test_prediction_is_cost_model_composition():
   tau = model.expert_bytes() / TOY_DEVICE["h2d_bytes_per_s"]
   prefill = prefill_base + tau * union * ((1 - 3 / 6) + (1 - 4 / 6))
   expected = 1.0 / (decode.total_s + prefill / 9)
-  got = simulate.prediction(w, split)
+  got = throughput.prediction(w, split)
   assert got.concurrency == 1
   assert got.decode_misses_per_step == 4
   assert got.decode_step_s == pytest.approx(decode.total_s)
@@ -39,12 +39,12 @@ def test_full_probability_bounds():
   w = make_workload(MISSES, concurrency=4, prompt=np.arange(4, 36, 2),
                     output=np.arange(20, 4, -1))
   longest = -(-w.max_len // w.block_size)
-  p = simulate.full_probability(w, np.array([1, 2, 3]),
+  p = throughput.full_probability(w, np.array([1, 2, 3]),
                                 3 * longest)
   assert np.all(p == 0.0)  # three longest requests fit: never full
-  half = simulate.full_probability(w, 2, 2 * w.held_blocks)
+  half = throughput.full_probability(w, 2, 2 * w.held_blocks)
   assert float(half) == pytest.approx(0.5)
-  assert float(simulate.full_probability(w, 3, 3 * w.held_blocks - 5)) > 0.5
+  assert float(throughput.full_probability(w, 3, 3 * w.held_blocks - 5)) > 0.5
 
 
 def test_more_kv_never_hurts_and_saturates_at_demand():
@@ -52,7 +52,7 @@ def test_more_kv_never_hurts_and_saturates_at_demand():
                     np.array([1, 1.5, 2])[:, None, None], concurrency=3,
                     prompt=np.arange(4, 36, 2), output=np.arange(20, 4, -1))
   longest = -(-w.max_len // w.block_size)
-  rates = [simulate.predict(w, simulate.Split.make(4, kv, 2))
+  rates = [throughput.predict(w, throughput.Split.make(4, kv, 2))
            for kv in range(w.floor_blocks, 3 * longest + 10)]
   assert np.all(np.diff(rates) >= -1e-12)
   assert rates[-1] == rates[-10]  # above 3 longest requests: flat
@@ -63,9 +63,9 @@ def test_budget_check_states_the_numbers():
   w = make_workload(MISSES, prompt=8, output=9)
   need = w.dense_bytes + 100 + 2 * 2 * w.expert_bytes + (
       w.floor_blocks * w.block_bytes)
-  simulate.Budget(need, 100).check(w)  # exactly enough
-  with pytest.raises(simulate.BudgetError) as error:
-    simulate.Budget(need - 1, 100).check(w)
+  throughput.Budget(need, 100).check(w)  # exactly enough
+  with pytest.raises(throughput.BudgetError) as error:
+    throughput.Budget(need - 1, 100).check(w)
   message = str(error.value)
   for number in (w.dense_bytes, 100, w.floor_blocks * w.block_bytes,
                  2 * 2 * w.expert_bytes, need, need - 1):
@@ -77,6 +77,6 @@ def test_budget_check_states_the_numbers():
     (([3, 3], 2), "floor"), (([6, 6], 10**6), "pageable")])
 def test_validate_refuses_bad_splits(split, problem):
   w = make_workload(MISSES, prompt=8, output=9)
-  budget = simulate.Budget(w.dense_bytes + 10**5)
-  with pytest.raises(simulate.BudgetError, match=problem):
-    budget.validate(w, simulate.Split.make(*split, 2))
+  budget = throughput.Budget(w.dense_bytes + 10**5)
+  with pytest.raises(throughput.BudgetError, match=problem):
+    budget.validate(w, throughput.Split.make(*split, 2))

@@ -12,17 +12,16 @@ by `;` (layers split evenly), e.g. `sticky:p_keep=0.9,alpha=1.0;zipf:alpha=0.2`.
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any
 
 import ml_collections
 from absl import logging
 
+from wisp_jax.runs import common
 from wisp_jax.alloc import baselines
 from wisp_jax.alloc import curves as curves_lib
 from wisp_jax.alloc import solver
-from wisp_jax.alloc.simulate import Budget
+from wisp_jax.alloc.throughput import Budget
 from wisp_jax.alloc.workload import Workload, sample_lengths
 from wisp_jax.models import config as config_lib
 from wisp_jax.models.config import MoEConfig
@@ -129,9 +128,7 @@ def allocate_all(workload: Workload, budget: Budget
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Allocates one budget for one workload; writes summary.json."""
-  out = pathlib.Path(workdir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  out = common.start(workdir, config)
   workload = build_workload(config, config.workload, name=config.name)
   budget = budget_of(config, config.budget_gib, workload)
   budget.check(workload)  # refuse before any work
@@ -154,5 +151,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "relative_to_oracle": {name: a.tokens_per_s / oracle_rate
                              for name, a in results.items()},
       "allocations": {name: a.to_dict() for name, a in results.items()}}
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  common.finish(out, summary)
   return summary

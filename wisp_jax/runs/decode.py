@@ -9,7 +9,6 @@ figure is the median of `repeats` such pairs, all taken in one run.
 from __future__ import annotations
 
 import json
-import pathlib
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from wisp_jax.runs import common
 from wisp_jax import data
 from wisp_jax.models.config import get_config
 from wisp_jax.models.default import load_default
@@ -82,14 +82,12 @@ def measure(model: MoEModel, prompts, run: dict, short: int, long: int,
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every configured source and writes `workdir/summary.json`."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  workdir = common.start(workdir, config)
   model = _model(config)
   prompts = _prompts(config, model.config.vocab_size)
   bank = bank_lib.make_bank(model.experts.weights())
   results = []
-  with open(workdir / "metrics.jsonl", "w") as metrics:
+  with open(common.metrics_path(workdir), "w") as metrics:
     for source in config.sources:
       row = measure(model, prompts, dict(source), config.short_tokens,
                     config.long_tokens, config.repeats, bank)
@@ -103,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     row["step_vs_resident"] = row["step_ms_median"] / resident["step_ms_median"]
   summary = {"model": model.config.name, "dtype": config.dtype,
              "batch": len(prompts), "results": results}
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  common.finish(workdir, summary)
   header = (f"{'source':<16}{'S':>4}{'ms/step':>10}{'tok/s':>10}"
             f"{'x resident':>12}{'hit rate':>10}{'bytes/token':>14}")
   lines = [header] + [
