@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import pathlib
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +226,132 @@ def test_version_1_layout_is_stacked_on_restore(tmp_path):
   assert meta["version"] == checkpoint.VERSION == 2
   assert np.array_equal(_logits(checkpoint.restore(tmp_path / "v2")),
                         _logits(model))
+
+
+# ------------------------------------------------- malformed and corrupt input
+
+
+def _copy(path, tmp_path):
+  return pathlib.Path(shutil.copytree(path, tmp_path / "copy"))
+
+
+def test_missing_metadata_names_the_file(saved, tmp_path):
+  # Before: AttributeError: 'NoneType' object has no attribute 'items'.
+  path = _copy(saved[1], tmp_path)
+  (path / "experts" / "_METADATA").unlink()
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="item 'experts' has no readable tensor metadata"
+                     ) as e:
+    checkpoint.restore(path)
+  assert e.value.file == str(path / "experts" / "_METADATA")
+  assert str(path / "experts" / "_METADATA") in str(e.value)
+
+
+@pytest.mark.parametrize("item, name", [("experts", "gate"),
+                                        ("decoder", "layers.attn.k_proj")])
+def test_non_finite_weights_are_refused(tmp_path, item, name):
+  # What a bit flip in an orbax chunk typically leaves: NaN or inf.
+  model = MoEModel(CONFIG, rngs=nnx.Rngs(5))
+  variable = (model.experts.gate if item == "experts"
+              else model.decoder.layers.attn.k_proj)
+  variable.set_value(variable[...].at[1, 2, 3].set(jnp.inf))
+  checkpoint.save(model, tmp_path / "c")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"tensor {item}/{re.escape(name)} holds NaN or "
+                     "infinite values") as e:
+    checkpoint.restore(tmp_path / "c")
+  assert e.value.field == f"{item}/{name}"
+  assert str(tmp_path / "c" / item) in str(e.value)
+  if item == "experts":
+    with pytest.raises(checkpoint.CheckpointError, match="experts/gate"):
+      checkpoint.restore_experts(tmp_path / "c", "pinned_host")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(config={**dataclasses.asdict(CONFIG), "d_model": "24"}),
+     "config field d_model='24' is not of type int"),
+    (dict(config={**dataclasses.asdict(CONFIG), "tie_embeddings": "false"}),
+     "config field tie_embeddings='false' is not of type bool"),
+    (dict(config={k: v for k, v in dataclasses.asdict(CONFIG).items()
+                  if k != "top_k"}), r"lacks config fields \['top_k'\]"),
+    (dict(config={**dataclasses.asdict(CONFIG), "top_k": 9}),
+     "top_k=9 exceeds num_experts=6"),
+    (dict(config=[1, 2]), "not an object of MoEConfig fields"),
+    (dict(dtype="float99"), "dtype 'float99', not the name of a float"),
+    (dict(dtype=None), "dtype None"),
+])
+def test_config_json_fields_are_checked(saved, tmp_path, change, message):
+  # Before: TypeError / KeyError naming no file.
+  path = _copy(saved[1], tmp_path)
+  meta = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**meta, **change}))
+  with pytest.raises(checkpoint.CheckpointError, match=message) as e:
+    checkpoint.restore(path)
+  assert str(path / "config.json") in str(e.value)
+
+
+def test_undecodable_config_json(saved, tmp_path):
+  # Before: UnicodeDecodeError, also out of is_checkpoint.
+  path = _copy(saved[1], tmp_path)
+  (path / "config.json").write_bytes(b'{"format": "\xff"}')
+  assert not checkpoint.is_checkpoint(path)
+  with pytest.raises(checkpoint.CheckpointError, match="not UTF-8"):
+    checkpoint.restore(path)
+
+
+# orbax leaves un-awaited coroutines behind when a read fails.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("file", ["array_metadatas/process_0", "d/"])
+def test_truncated_orbax_files_name_the_checkpoint(saved, tmp_path, file):
+  # Before: JSONDecodeError, or tensorstore's bare Exception.
+  path = _copy(saved[1], tmp_path)
+  target = (path / "experts" / file if not file.endswith("/") else max(
+      (path / "experts" / "ocdbt.process_0" / "d").iterdir(),
+      key=lambda f: f.stat().st_size))
+  target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="cannot (restore|read the metadata of) item "
+                     "'experts'") as e:
+    checkpoint.restore(path)
+  assert str(path / "experts") in str(e.value)
+
+
+# orbax leaves un-awaited coroutines behind when a read fails.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_fuzz_orbax_checkpoint(saved, tmp_path):
+  """Every mutated checkpoint file restores the original model or is
+  refused with a CheckpointError naming the checkpoint. The format has no
+  checksum of chunk data: a flip there may restore other finite weights
+  (never NaN), so chunk files only have to give finite weights."""
+  model, path = saved
+  want = _leaves(model)
+  files = sorted(f.relative_to(path) for f in path.rglob("*") if f.is_file())
+  rng = np.random.default_rng(3)
+  outcomes = {"same": 0, "refused": 0, "other finite chunk data": 0}
+  for trial in range(40):
+    copy = pathlib.Path(shutil.copytree(path, tmp_path / f"c{trial}"))
+    name = files[trial % len(files)]
+    data = bytearray((copy / name).read_bytes())
+    kind = ("truncate", "flip", "bad_utf8")[rng.integers(3)]
+    if kind == "truncate":
+      data = data[:rng.integers(len(data))]
+    elif kind == "flip":
+      data[rng.integers(len(data))] ^= 1 << rng.integers(8)
+    else:
+      data[rng.integers(len(data))] = 0xFF
+    (copy / name).write_bytes(bytes(data))
+    try:
+      got = _leaves(checkpoint.restore(copy))
+    except checkpoint.CheckpointError as e:
+      assert str(copy) in str(e), (name, kind, str(e))
+      outcomes["refused"] += 1
+      continue
+    assert got.keys() == want.keys()
+    if all(np.array_equal(got[k], want[k]) for k in want):
+      outcomes["same"] += 1
+      continue
+    is_chunk = name.parent.name == "d"  # ocdbt data, shape-checked
+    assert is_chunk, (name, kind)
+    assert all(np.isfinite(v).all() for v in got.values()), (name, kind)
+    outcomes["other finite chunk data"] += 1
+  assert outcomes["refused"] >= 8 and outcomes["same"] >= 8, outcomes

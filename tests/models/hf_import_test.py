@@ -8,6 +8,7 @@ must match the PyTorch reference in float32.
 
 import json
 import pathlib
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ import torch
 import transformers
 from flax import nnx
 
+from wisp_jax.errors import LoadError
 from wisp_jax.models import hf_import
 from wisp_jax.models.hf_import import config_from_hf, load_hf
+from wisp_jax.models.safetensors_io import read_header
 from wisp_jax.serving.generate import generate
 
 ATOL = 1e-4
@@ -341,3 +344,172 @@ def test_config_variants_are_read():
   assert set(hf_import.ARCHITECTURES) == {
       "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
       "OlmoeForCausalLM"}
+
+
+# ------------------------------------------------- malformed and corrupt input
+
+
+@pytest.mark.parametrize("key, value", [
+    ("tie_word_embeddings", "false"), ("norm_topk_prob", "false"),
+    ("use_sliding_window", "true"), ("attention_bias", 0)])
+def test_string_booleans_are_refused(key, value):
+  # Before, bool("false") read as True: a tied, renormalising model.
+  with pytest.raises(LoadError, match=rf"{key}={value!r} is not a JSON "
+                     "boolean") as e:
+    config_from_hf(_hf_dict("qwen3_moe", **{key: value}))
+  assert e.value.field == key
+  if isinstance(value, str):
+    assert f"write {value} without quotes" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, want", [
+    ("rms_norm_eps", 0, "a finite number > 0"),
+    ("rms_norm_eps", -1e-6, "a finite number > 0"),
+    ("rope_theta", 0.0, "a finite number > 0"),
+    ("max_position_embeddings", 0, "a positive int"),
+    ("head_dim", 0, "a positive int"),
+    ("num_key_value_heads", 0, "a positive int"),
+    ("hidden_size", 48.0, "a positive int"),
+    ("num_experts_per_tok", "3", "a positive int"),
+    ("num_local_experts", [5], "a positive int")])
+def test_zero_and_mistyped_values_are_refused_not_defaulted(key, value, want):
+  # Before, 0 (falsy) was replaced by the architecture's default.
+  hf = _hf_dict("mixtral", rope_parameters=None, **{key: value})
+  with pytest.raises(LoadError,
+                     match=re.escape(f"{key}={value!r} is not {want}")):
+    config_from_hf(hf)
+
+
+def test_absent_or_null_values_take_the_defaults():
+  hf = _hf_dict("mixtral", rms_norm_eps=None, max_position_embeddings=None,
+                tie_word_embeddings=None)
+  c = config_from_hf(hf)
+  assert (c.rms_eps, c.max_seq_len, c.tie_embeddings) == (1e-5, 131072,
+                                                          False)
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"[1, 2]", "holds list"),
+    (b'{"architectures": "MixtralForCausalLM"}', "architectures="),
+    (b'{"model_type": ["olmoe"]}', "model_type="),
+    (b'{"hidden_size": 48', "not valid JSON"),
+    (b'{"hidden_size": 48, "hidden_size": 64}', "given twice"),
+    (b'{"hidden_act": "s\xffilu"}', "not UTF-8"),
+])
+def test_config_json_errors_name_the_file(mixtral_dir, tmp_path, text,
+                                          message):
+  # Before: AttributeError / TypeError / JSONDecodeError naming no file.
+  directory = _copy_checkpoint(mixtral_dir[1], tmp_path / "ckpt")
+  (directory / "config.json").write_bytes(text)
+  for load in (load_hf, hf_import.config_from_file):
+    with pytest.raises(LoadError, match=message) as e:
+      load(directory)
+    assert str(directory / "config.json") in str(e.value)
+
+
+def test_string_boolean_in_config_json_names_file_and_key(mixtral_dir,
+                                                          tmp_path):
+  directory = _copy_checkpoint(mixtral_dir[1], tmp_path / "ckpt")
+  _edit_config(directory, tie_word_embeddings="false")
+  with pytest.raises(LoadError, match="config.json: config.json "
+                     "tie_word_embeddings='false'") as e:
+    load_hf(directory)
+  assert e.value.field == "tie_word_embeddings"
+  assert e.value.file == str(directory / "config.json")
+
+
+def test_non_finite_weights_are_refused(mixtral_dir, tmp_path):
+  # Corrupt bytes in the data (no checksum in safetensors) that read as NaN.
+  directory = _copy_checkpoint(mixtral_dir[1], tmp_path / "ckpt")
+  file = directory / "model.safetensors"
+  name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+  info = read_header(file)[name]
+  data = bytearray(file.read_bytes())
+  data[info.offset + 4 * 7:info.offset + 4 * 8] = b"\x00\x00\xc0\x7f"  # NaN
+  file.write_bytes(bytes(data))
+  with pytest.raises(LoadError, match=rf"tensor '{name}' holds 1 NaN or "
+                     r"infinite value\(s\) \(the first at index \(0, 7\)\)"
+                     ) as e:
+    load_hf(directory)
+  assert e.value.file == str(file) and e.value.field == name
+
+
+def test_model_refuses_token_ids_outside_the_vocab(mixtral_dir):
+  model = load_hf(mixtral_dir[1])
+  # Before, the embedding gather clamped 97 to 96 without a word.
+  for tokens, bad in (([[1, 97, 3]], 97), (np.array([[-1, 2]]), -1)):
+    with pytest.raises(ValueError, match=rf"outside \[0, 97\), e.g. {bad}"):
+      model(tokens)
+  with pytest.raises(ValueError, match="int tokens"):
+    model(np.array([[1.0, 2.0]]))
+  tokens = np.array([[0, 96, 5]])
+  jitted = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens))
+  np.testing.assert_array_equal(np.asarray(model(tokens)),
+                                np.asarray(jitted))
+
+
+def test_sharded_checkpoint_with_two_copies_is_refused(mixtral_dir,
+                                                       tmp_path):
+  torch_model, _ = mixtral_dir
+  torch_model.save_pretrained(tmp_path, max_shard_size="40KB")
+  shards = sorted(tmp_path.glob("model-*.safetensors"))
+  first = safetensors.torch.load_file(shards[0])
+  last = safetensors.torch.load_file(shards[-1])
+  name = next(iter(first))
+  safetensors.torch.save_file({**last, name: torch.zeros_like(first[name])},
+                              shards[-1])
+  with pytest.raises(LoadError, match=rf"maps tensor '{re.escape(name)}' "
+                     rf"to shard {shards[0].name}"):
+    load_hf(tmp_path)
+
+
+def test_fuzz_config_json(mixtral_dir, tmp_path):
+  """A mutated config.json gives the original config, or is refused with a
+  LoadError naming it; it gives another config only when its JSON content
+  changed (a flipped digit or key is another valid file: no loader can
+  tell), and then exactly what that content says."""
+  directory = _copy_checkpoint(mixtral_dir[1], tmp_path / "ckpt")
+  file = directory / "config.json"
+  text = file.read_bytes()
+  original, content = hf_import.config_from_file(directory), json.loads(text)
+  rng = np.random.default_rng(2)
+  refused = changed = 0
+  for kind, data in _config_mutations(text, rng, 80):
+    file.write_bytes(data)
+    try:
+      got = hf_import.config_from_file(directory)
+    except LoadError as e:
+      assert str(file) in str(e), (kind, str(e))
+      refused += 1
+      continue
+    mutated = json.loads(data)  # anything accepted is valid JSON
+    if mutated == content:
+      assert got == original, kind
+    else:
+      assert got == config_from_hf(mutated, name=directory.name), kind
+      changed += got != original
+  assert refused >= 20 and changed < 20, (refused, changed)
+
+
+def _config_mutations(data: bytes, rng: np.random.Generator, count: int):
+  """Truncations, bit flips, bad UTF-8, repeated and swapped lines."""
+  lines = data.split(b"\n")
+  for trial in range(count):
+    kind = ("truncate", "flip", "bad_utf8", "repeat_line",
+            "swap_lines")[trial % 5]
+    out = bytearray(data)
+    if kind == "truncate":
+      out = out[:rng.integers(len(data))]
+    elif kind == "flip":
+      out[rng.integers(len(data))] ^= 1 << rng.integers(8)
+    elif kind == "bad_utf8":
+      out[rng.integers(len(data))] = 0xC3  # a lead byte, no continuation
+    else:
+      i, j = sorted(rng.choice(len(lines) - 1, 2, replace=False))
+      changed = list(lines)
+      if kind == "repeat_line":
+        changed.insert(j, lines[i])
+      else:
+        changed[i], changed[j] = lines[j], lines[i]
+      out = bytearray(b"\n".join(changed))
+    yield kind, bytes(out)

@@ -222,3 +222,211 @@ def test_metadata_conflicts_and_inference(tmp_path):
     importers.import_vllm_routes(tmp_path, num_experts=16)
   with pytest.raises(ValueError, match="names no files"):
     importers.import_vllm_routes(tmp_path / "nope.jsonl")
+
+
+# ------------------------------------------------- damaged logs
+
+
+def _per_request_lines(trace, meta=True):
+  """One file, all layers: JSON lines of a per-request log of `trace`."""
+  lines = [json.dumps({"type": "meta", "num_experts": trace.num_experts,
+                       "top_k": trace.top_k})] if meta else []
+  return lines + [json.dumps(_route(f"req-{trace.request[i]}",
+                                    trace.position[i], layer,
+                                    trace.ids[i, layer],
+                                    trace.weights[i, layer]))
+                  for i in range(trace.num_tokens)
+                  for layer in range(trace.num_layers)]
+
+
+def _sixty_events():
+  # 6 requests of 10 tokens in waves of 3, L=3: 60 events, 180 rows.
+  return synthetic.uniform(3, 8, 2, 6, 10, 3, seed=7)
+
+
+def _line_of(lines, request, token, layer):
+  """0-based index of the row of (request, token, layer) in `lines`."""
+  return next(i for i, line in enumerate(lines) if (lambda r: (
+      r.get("req_id"), r.get("token_idx"), r.get("layer")))(json.loads(line))
+              == (f"req-{request}", token, layer))
+
+
+def _assert_accounted(report):
+  assert report.rows_read == (report.rows_kept + report.warmup_rows_dropped
+                              + report.mismatched_rows), report.summary()
+  assert report.rows_kept == report.events * len(report.layer_ids)
+
+
+def test_one_duplicated_line_does_not_make_a_per_request_log_batched(
+    tmp_path):
+  # Before: auto read the log as batched, 60 events became 40, no error.
+  trace = _sixty_events()
+  lines = _per_request_lines(trace)
+  i = _line_of(lines, 0, 3, 0)
+  path = _write(tmp_path / "dup.jsonl", lines[:i + 1] + lines[i:])
+  with pytest.raises(ValueError, match=re.escape(
+      f"{path}:{i + 2}: repeats request 0 token 3 of the same layer "
+      "(layout='auto' read the log as per-request")):
+    importers.import_vllm_routes(path)
+  got, report = importers.import_vllm_routes(path, skip_malformed=True)
+  assert report.layout == "per_request" and report.malformed_skipped == 1
+  _assert_same_events(got, trace)
+  assert np.array_equal(got.position, trace.position)
+  assert (report.events, report.rows_read, report.lines_read) == (60, 180,
+                                                                   182)
+  _assert_accounted(report)
+  assert "layout 'auto' chose per_request" in report.notes[0]
+
+
+def test_one_swapped_line_pair_is_a_malformed_row(tmp_path):
+  trace = _sixty_events()
+  lines = _per_request_lines(trace)
+  i, j = _line_of(lines, 1, 4, 2), _line_of(lines, 1, 5, 2)
+  lines[i], lines[j] = lines[j], lines[i]
+  path = _write(tmp_path / "swap.jsonl", lines)
+  with pytest.raises(ValueError, match=re.escape(f"{path}:") +
+                     rf"({i + 1}|{j + 1}): token_idx [45] of request 1 "
+                     "comes after token_idx [345] in this layer: out of "
+                     "time order"):
+    importers.import_vllm_routes(path)
+  got, report = importers.import_vllm_routes(path, skip_malformed=True)
+  assert report.layout == "per_request"
+  # One of the two rows is dropped, so its token loses layer 2: 59 events.
+  lost = np.flatnonzero((trace.request == 1) & np.isin(trace.position,
+                                                       [4, 5]))
+  keep = [np.delete(np.arange(60), k) for k in lost]
+  assert any(np.array_equal(got.ids, trace.ids[k]) for k in keep)
+  assert (report.malformed_skipped, report.mismatched_rows) == (1, 2)
+  _assert_accounted(report)
+
+
+def test_batched_layout_still_detected(tmp_path):
+  trace = _varied_trace()  # 8 steps: 7 restarts to 0 in every layer
+  _write_batched(tmp_path, trace)
+  _, report = importers.import_vllm_routes(tmp_path)
+  assert report.layout == "batched"
+  assert "restarts within a request 21 time(s) (21 at 0)" in report.notes[0]
+
+
+def test_truncation_at_a_line_end_is_reported(tmp_path):
+  trace = _sixty_events()
+  lines = _per_request_lines(trace)
+  # All layers in one file, the last row (layer 2 of the last token) lost.
+  path = _write(tmp_path / "one.jsonl", lines[:-1])
+  got, report = importers.import_vllm_routes(path)
+  _assert_same_events(got, trace.select(np.arange(59)))
+  assert report.mismatched_rows == 2
+  _assert_accounted(report)
+  assert any(note.startswith("layer 2's rows of 1 request(s) stop before "
+                             "the other layers' (request 'req-5' ends at "
+                             f"token_idx 8 here, at 9 elsewhere; the layer's "
+                             f"last row is {path}:178)") for note in
+             report.notes), report.notes
+  # A cut between two tokens leaves a well-formed shorter log: undetectable.
+  got, report = importers.import_vllm_routes(
+      _write(tmp_path / "cut.jsonl", lines[:-3]))
+  _assert_same_events(got, trace.select(np.arange(59)))
+  assert report.mismatched_rows == 0 and len(report.notes) == 1
+
+
+def test_truncated_layer_file_is_reported_in_batched_logs(tmp_path):
+  trace = _varied_trace()  # the last step holds 2 events
+  paths = _write_batched(tmp_path, trace)
+  with open(paths[1]) as f:
+    rows = f.read().splitlines()
+  _write(paths[1], rows[:-1])  # layer 1 loses the last step's last row
+  got, report = importers.import_vllm_routes(tmp_path)
+  assert got.num_tokens == trace.num_tokens - 1
+  assert any(f"layer 1's last step has 1 of 2 rows (its last row is "
+             f"{paths[1]}:20)" in note for note in report.notes)
+  _write(paths[1], rows[:-2])  # ... and the whole last step
+  got, report = importers.import_vllm_routes(tmp_path)
+  assert got.num_tokens == trace.num_tokens - 2
+  assert any("layer 1 ends 1 step(s) before the other layers" in note
+             for note in report.notes)
+  assert report.unmatched_steps == 1
+  _assert_accounted(report)
+
+
+def test_undecodable_line_names_file_and_line(tmp_path):
+  # Before: a raw UnicodeDecodeError, even with skip_malformed=True.
+  trace = _sixty_events()
+  lines = [line.encode() for line in _per_request_lines(trace)]
+  lines[7] = lines[7].replace(b'"route"', b'"r\xe9oute"')
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  with pytest.raises(ValueError, match=re.escape(
+      f"{path}:8: not valid UTF-8 (byte 0xe9 at column 12)")):
+    importers.import_vllm_routes(path)
+  got, report = importers.import_vllm_routes(path, skip_malformed=True)
+  assert report.malformed_skipped == 1 and got.num_tokens == 59
+  assert report.malformed_examples == [
+      f"{path}:8: not valid UTF-8 (byte 0xe9 at column 12)"]
+  _assert_accounted(report)
+
+
+def test_truncated_and_corrupt_gz_files(tmp_path):
+  # Before: a raw EOFError / BadGzipFile, even with skip_malformed=True.
+  trace = _sixty_events()
+  data = gzip.compress(("\n".join(_per_request_lines(trace)) + "\n").encode())
+  path = tmp_path / "routes.jsonl.gz"
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=re.escape(f"{path}:") + r"\d+: the "
+                     "compressed file ends early: it is truncated. Fix the "
+                     "file"):
+    importers.import_vllm_routes(path)
+  got, report = importers.import_vllm_routes(path, skip_malformed=True)
+  assert 0 < got.num_tokens < 60 and report.malformed_skipped == 1
+  _assert_same_events(got, trace.select(np.arange(got.num_tokens)))
+  corrupt = bytearray(data)
+  corrupt[-6] ^= 0x10  # the CRC-32 of the member
+  path.write_bytes(bytes(corrupt))
+  with pytest.raises(ValueError, match="CRC check failed.*none of its rows "
+                     "can be trusted"):
+    importers.import_vllm_routes(path)
+  other = _write(tmp_path / "more.jsonl", _per_request_lines(trace)[1:])
+  got, report = importers.import_vllm_routes([path, other],
+                                             skip_malformed=True)
+  # Every row of the damaged file is dropped; the other file's are kept.
+  assert report.malformed_skipped == 1 + 180
+  _assert_same_events(got, trace)
+
+
+def test_corrupt_layer_number_does_not_empty_the_trace(tmp_path):
+  # Before: layer 7 with one row left no token in every layer: 0 events.
+  trace = _sixty_events()
+  lines = _per_request_lines(trace)
+  i = _line_of(lines, 2, 6, 1)
+  lines[i] = lines[i].replace('"layer": 1', '"layer": 7')
+  path = _write(tmp_path / "flip.jsonl", lines)
+  with pytest.raises(ValueError, match=re.escape(
+      f"{path}:{i + 1}: layer 7 has 1 row(s), under a tenth of layer 0's "
+      "60: a corrupt layer number")):
+    importers.import_vllm_routes(path)
+  got, report = importers.import_vllm_routes(path, skip_malformed=True)
+  assert report.layer_ids == (0, 1, 2) and got.num_tokens == 59
+  assert report.malformed_skipped == 1 and report.mismatched_rows == 2
+  _assert_accounted(report)
+
+
+def test_large_request_ids_keep_their_positions(tmp_path):
+  # Before: request * (1 + max token) + token overflowed int64.
+  big = 10 ** 15
+  rows = [_route(big + r, t, 0, [t % 8, (t + 1) % 8], [0.5, 0.5])
+          for r in range(2) for t in (0, 1, 2, 9999)]
+  got, report = importers.import_vllm_routes(
+      _write(tmp_path / "big.jsonl", rows), num_experts=8)
+  assert np.array_equal(got.position, [0, 1, 2, 9999] * 2)
+  assert np.array_equal(got.request, [big] * 4 + [big + 1] * 4)
+
+
+def test_report_summary_says_what_was_dropped_and_why(tmp_path):
+  trace = _varied_trace()
+  _write_batched(tmp_path, trace, skip={(1, 4)})
+  _, report = importers.import_vllm_routes(tmp_path)
+  assert report.dropped() == {"malformed (skipped)": 0, "warm-up": 0,
+                              "no counterpart in every layer": 2}
+  assert report.summary().splitlines()[0] == (
+      "batched log, 3 file(s), 62 lines: 59 well-formed route rows; kept "
+      "19 events x 3 layers = 57 rows; dropped: 2 no counterpart in every "
+      "layer.")

@@ -1,10 +1,12 @@
 """Tests of wisp_jax/traces/trace.py."""
 
+import re
 import types
 
 import numpy as np
 import pytest
 
+from wisp_jax.errors import LoadError
 from wisp_jax.models.config import get_config
 from wisp_jax.traces import trace as trace_lib
 from wisp_jax.traces.trace import DECODE, PREFILL, RoutingTrace
@@ -172,3 +174,37 @@ def test_from_generate_on_the_real_generate_loop():
   # Row 1's only prompt token is the prefill's last column.
   assert np.array_equal(t.ids[3], np.asarray(out.routing_ids[0])[:, 1, 2])
   assert np.array_equal(t.ids[7], np.asarray(out.routing_ids[2])[:, 1, 0])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a readable RoutingTrace .npz"),
+    (b"step,request\n0,1\n", "not a readable RoutingTrace .npz"),
+    (None, "it holds one .npy array"),
+])
+def test_load_refuses_empty_and_non_npz_files(tmp_path, content, message):
+  # Before: EOFError (empty file) or AttributeError (a .npy), no file named.
+  path = tmp_path / "t.npz"
+  if content is None:
+    with open(path, "wb") as f:
+      np.save(f, np.arange(3))
+  else:
+    path.write_bytes(content)
+  with pytest.raises(LoadError, match=re.escape(message)) as info:
+    RoutingTrace.load(path)
+  assert info.value.file == str(path) and str(path) in str(info.value)
+
+
+def test_load_refuses_missing_file_and_bad_scalars(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such RoutingTrace file"):
+    RoutingTrace.load(tmp_path / "nope.npz")
+  for change, message in ((dict(num_experts=np.arange(3)),
+                           "'num_experts': must be one integer"),
+                          (dict(schema_version=np.str_("1")),
+                           "'schema_version': must be one integer"),
+                          (dict(model=np.arange(2)),
+                           "'model': must be one string")):
+    fields = _fields(_tiny_trace())
+    fields.update(change)
+    np.savez_compressed(tmp_path / "bad.npz", **fields)
+    with pytest.raises(LoadError, match=message):  # before: TypeError
+      RoutingTrace.load(tmp_path / "bad.npz")

@@ -21,6 +21,13 @@ into host memory: orbax reads into the memory kind of the target
 `ShapeDtypeStruct`'s sharding, so with `pinned_host` the expert bytes never
 pass through device memory. A dtype other than the stored one is converted
 while reading.
+
+Reading refuses, with a `CheckpointError` naming the checkpoint and the
+item, field or tensor, anything orbax cannot read (a truncated or corrupt
+`_METADATA`, manifest or chunk), a `config.json` whose fields have the
+wrong type, and weights that are NaN or infinite (what a bit flip in a
+chunk usually leaves). A flip that leaves finite values is invisible: the
+format stores no checksum of the data.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pathlib
+import typing
 from typing import Any
 
 import jax
@@ -39,6 +48,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from wisp_jax.errors import LoadError, read_json
 from wisp_jax.models import moe
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.models.transformer import MoEModel
@@ -53,8 +63,29 @@ EXPERTS_ITEM = "experts"
 EXPERT_NAMES = ("gate", "up", "down")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LoadError):
   """A checkpoint is missing, malformed or does not match what was asked."""
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ""
+  return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _orbax(path: pathlib.Path, item: str, action: str, read):
+  """Runs the orbax call `read`; any failure is the checkpoint's fault."""
+  try:
+    with _quiet():
+      return read()
+  except CheckpointError:
+    raise
+  except Exception as e:  # orbax and tensorstore raise many types.
+    raise CheckpointError(
+        f"checkpoint {path}: cannot {action} item {item!r} "
+        f"({path / item}): {_first_line(e)}. The checkpoint is corrupt or "
+        "incomplete; save it again or restore a copy.",
+        file=path / item) from e
 
 
 @contextlib.contextmanager
@@ -140,10 +171,7 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
     raise CheckpointError(
         f"{path} is not a wisp_jax checkpoint: it has no {CONFIG_FILE}. "
         "Write one with wisp_jax.models.checkpoint.save.")
-  try:
-    meta = json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{config_file} is not valid JSON: {e}.") from None
+  meta = read_json(config_file, CheckpointError)
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise CheckpointError(
         f"{path} is not a wisp_jax checkpoint: {CONFIG_FILE} has format "
@@ -153,6 +181,20 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
     raise CheckpointError(f"{path} has checkpoint version "
                           f"{meta.get('version')!r}; this code reads "
                           f"versions {list(READABLE_VERSIONS)}.")
+  try:
+    known = isinstance(meta.get("dtype"), str) and jnp.issubdtype(
+        jnp.dtype(meta["dtype"]), jnp.floating)
+  except TypeError:  # not a dtype name
+    known = False
+  if not known:
+    raise CheckpointError(
+        f"{config_file} has dtype {meta.get('dtype')!r}, not the name of a "
+        "float dtype; the file is corrupt.", file=config_file, field="dtype")
+  if not isinstance(meta.get("config"), dict):
+    raise CheckpointError(
+        f"{config_file} has config {meta.get('config')!r:.80}, not an object "
+        "of MoEConfig fields; the file is corrupt.", file=config_file,
+        field="config")
   for item in (DECODER_ITEM, EXPERTS_ITEM):
     if not (path / item).is_dir():
       raise CheckpointError(f"checkpoint {path} lacks its {item!r} item "
@@ -164,8 +206,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
   """Whether `path` holds a wisp_jax checkpoint (not, e.g., a HF model)."""
   config_file = pathlib.Path(path) / CONFIG_FILE
   try:
-    meta = json.loads(config_file.read_text())
-  except (OSError, json.JSONDecodeError):
+    meta = json.loads(config_file.read_bytes().decode("utf-8"))
+  except (OSError, ValueError, RecursionError):  # bad UTF-8 is a ValueError
     return False
   return isinstance(meta, dict) and meta.get("format") == FORMAT
 
@@ -174,12 +216,42 @@ def load_config(path: str | os.PathLike) -> MoEConfig:
   """The `MoEConfig` stored in the checkpoint at `path`."""
   path = pathlib.Path(path).absolute()
   fields = _read_meta(path)["config"]
-  known = {f.name for f in dataclasses.fields(MoEConfig)}
-  unknown = sorted(set(fields) - known)
+  config_file = path / CONFIG_FILE
+  known = {f.name: f for f in dataclasses.fields(MoEConfig)}
+  unknown = sorted(set(fields) - set(known))
   if unknown:
     raise CheckpointError(f"checkpoint {path} has config fields {unknown} "
-                          "that this MoEConfig does not know.")
-  return MoEConfig(**fields)
+                          "that this MoEConfig does not know.",
+                          file=config_file, field=unknown[0])
+  hints = typing.get_type_hints(MoEConfig)
+  for name, value in fields.items():
+    if not _has_type(value, hints[name]):
+      raise CheckpointError(
+          f"{config_file}: config field {name}={value!r} is not of type "
+          f"{getattr(hints[name], '__name__', hints[name])}; the file is "
+          "corrupt.", file=config_file, field=name)
+  missing = sorted(name for name, f in known.items() if name not in fields
+                   and f.default is dataclasses.MISSING)
+  if missing:
+    raise CheckpointError(f"{config_file} lacks config fields {missing}; "
+                          "the file is corrupt.", file=config_file,
+                          field=missing[0])
+  try:
+    return MoEConfig(**fields)
+  except ValueError as e:
+    raise CheckpointError(f"{config_file}: {e}", file=config_file) from None
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+  """Whether a JSON value fits a MoEConfig field's type (no bool as int)."""
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint is float:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and not (isinstance(value, float) and not math.isfinite(value)))
+  return isinstance(value, str)  # str and the Literal of qk_norm
 
 
 def _check_config(path: pathlib.Path, stored: MoEConfig,
@@ -199,9 +271,24 @@ def _targets(path: pathlib.Path, item: str,
              sharding: jax.sharding.Sharding
              ) -> dict[str, jax.ShapeDtypeStruct]:
   """Checks the stored tensors against `expected`; returns restore targets."""
-  with _quiet():
-    stored = _checkpointer().metadata(path / item).item_metadata
+  stored = _orbax(path, item, "read the metadata of",
+                  lambda: _checkpointer().metadata(path / item).item_metadata)
+  if stored is None or not hasattr(stored, "items"):
+    meta_file = path / item / "_METADATA"
+    problem = (f"{meta_file} is missing" if not meta_file.exists() else
+               f"its _METADATA, _sharding or manifest in {path / item} is "
+               "corrupt")
+    raise CheckpointError(
+        f"checkpoint {path} item {item!r} has no readable tensor metadata "
+        f"({problem}); save the checkpoint again.",
+        file=meta_file if not meta_file.exists() else path / item)
   stored = {k: v for k, v in stored.items()}
+  for name, value in stored.items():
+    if not isinstance(getattr(value, "shape", None), (tuple, list)):
+      raise CheckpointError(
+          f"checkpoint {path} tensor {item}/{name} has metadata {value!r:.80} "
+          f"without a shape ({path / item / '_METADATA'} is corrupt).",
+          file=path / item / "_METADATA", field=f"{item}/{name}")
   missing = sorted(set(expected) - set(stored))
   extra = sorted(set(stored) - set(expected))
   if missing or extra:
@@ -228,6 +315,44 @@ def _sharding(memory_kind: str | None) -> jax.sharding.Sharding:
     raise CheckpointError(f"memory kind {memory_kind!r} is not available on "
                           f"{device}; it offers {kinds}.")
   return jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind)
+
+
+@jax.jit
+def _host_block_finite(array: jax.Array, layer: jax.Array,
+                       row: jax.Array) -> jax.Array:
+  """Whether block `[layer, row]` of a host-memory `[A, B, ...]` array is
+  finite: sliced on the host, moved, reduced on the device (the paging
+  path that works on GPU; XLA cannot compute on host memory)."""
+  sizes = (1, 1) + array.shape[2:]
+  start = (layer, row) + (0,) * (array.ndim - 2)
+  block = jax.lax.dynamic_slice(array, start, sizes)
+  return jnp.all(jnp.isfinite(jax.device_put(block,
+                                             jax.memory.Space.Device)))
+
+
+def _all_finite(array: jax.Array) -> bool:
+  if array.sharding.memory_kind in (None, "device"):
+    return bool(jax.device_get(jnp.all(jnp.isfinite(array))))
+  if array.ndim < 2:  # small: read it on the host
+    return bool(np.isfinite(jax.device_get(array)).all())
+  # One [layer, expert] block at a time: no device copy of a whole bank.
+  # Explicit index transfers keep this legal under transfer_guard.
+  return all(bool(jax.device_get(_host_block_finite(
+      array, jax.device_put(np.int32(a)), jax.device_put(np.int32(b)))))
+             for a in range(array.shape[0]) for b in range(array.shape[1]))
+
+
+def _check_finite(path: pathlib.Path, item: str,
+                  arrays: dict[str, jax.Array]) -> None:
+  """Refuses NaN or infinite weights, naming the tensor: a bit flip in a
+  chunk usually leaves some."""
+  for name, array in arrays.items():
+    if not _all_finite(array):
+      raise CheckpointError(
+          f"checkpoint {path} tensor {item}/{name} holds NaN or infinite "
+          f"values; the data in {path / item} is corrupt. Save the model "
+          "again or restore a copy.", file=path / item,
+          field=f"{item}/{name}")
 
 
 def _check_dtype(dtype) -> None:
@@ -270,9 +395,9 @@ def restore_experts(path: str | os.PathLike, memory_kind: str | None =
   _check_config(path, stored_config, config)
   targets = _targets(path, EXPERTS_ITEM, _expert_shapes(stored_config), dtype,
                      _sharding(memory_kind))
-  with _quiet():
-    arrays = _checkpointer().restore(path / EXPERTS_ITEM,
-                                     args=ocp.args.StandardRestore(targets))
+  arrays = _orbax(path, EXPERTS_ITEM, "restore", lambda: _checkpointer(
+      ).restore(path / EXPERTS_ITEM, args=ocp.args.StandardRestore(targets)))
+  _check_finite(path, EXPERTS_ITEM, {n: arrays[n] for n in EXPERT_NAMES})
   return moe.ExpertWeights(**{name: arrays[name] for name in EXPERT_NAMES})
 
 
@@ -310,9 +435,9 @@ def restore(path: str | os.PathLike, dtype=None,
                                  stored_config.num_layers)
   else:
     targets = _targets(path, DECODER_ITEM, expected, dtype, _sharding(None))
-    with _quiet():
-      decoder = _checkpointer().restore(
-          path / DECODER_ITEM, args=ocp.args.StandardRestore(targets))
+    decoder = _orbax(path, DECODER_ITEM, "restore", lambda: _checkpointer(
+        ).restore(path / DECODER_ITEM, args=ocp.args.StandardRestore(targets)))
+  _check_finite(path, DECODER_ITEM, {name: decoder[name] for name in expected})
   experts = restore_experts(path, expert_memory_kind, dtype)
 
   values = []
@@ -344,9 +469,8 @@ def _restore_per_layer(path: pathlib.Path,
     else:
       per_layer[name] = want
   targets = _targets(path, DECODER_ITEM, per_layer, dtype, _sharding(None))
-  with _quiet():
-    stored = _checkpointer().restore(path / DECODER_ITEM,
-                                     args=ocp.args.StandardRestore(targets))
+  stored = _orbax(path, DECODER_ITEM, "restore", lambda: _checkpointer(
+      ).restore(path / DECODER_ITEM, args=ocp.args.StandardRestore(targets)))
   decoder = {}
   for name in expected:
     if name.startswith(_LAYERS):

@@ -9,10 +9,14 @@ layer (`experts.gate_up_proj` `[E, 2F, D]`, `experts.down_proj` `[E, D, F]`,
 the in-memory layout of transformers 5).
 
 Everything is checked before any weight is read: the config must describe a
-model `MoEConfig` can represent, and every tensor must exist with the
-expected shape, with no tensor left over. Weights are then read one tensor
-at a time, straight into the stacked arrays of the model, so peak host
-memory is about the model plus its largest stacked parameter.
+model `MoEConfig` can represent (every value type-checked: sizes positive
+ints, epsilons positive numbers, flags JSON booleans; a 0 is refused, never
+defaulted), and every tensor must exist with the expected shape, with no
+tensor left over. Weights are then read one tensor at a time, straight into
+the stacked arrays of the model, so peak host memory is about the model
+plus its largest stacked parameter; a tensor holding NaN or infinity is
+refused. Every refusal is a `LoadError` naming the file and the key or
+tensor.
 
 The safetensors files are read by `safetensors_io`, one tensor at a time.
 """
@@ -20,7 +24,7 @@ The safetensors files are read by `safetensors_io`, one tensor at a time.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import pathlib
 from typing import Any, Callable
 
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wisp_jax.errors import LoadError, MissingFileError, read_json
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.models.safetensors_io import SafetensorsCheckpoint
 from wisp_jax.models.transformer import MoEModel
@@ -74,66 +79,142 @@ _MODEL_TYPES = {"mixtral": "MixtralForCausalLM",
                 "olmoe": "OlmoeForCausalLM"}
 
 
+class _Required:
+  """Marks a config key without a default."""
+
+
+_REQUIRED = _Required()
+
+
+def _bad(key: str, value: Any, want: str) -> LoadError:
+  hint = (f"; write {value.strip().lower()} without quotes"
+          if isinstance(value, str) and value.strip().lower() in (
+              "true", "false") else "")
+  return LoadError(f"config.json {key}={value!r} is not {want}{hint}; fix "
+                   "the file.", field=key)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(hf: dict[str, Any], key: str, arch: str,
+                  default: Any = _REQUIRED) -> Any:
+  """`hf[key]`, an int > 0; `default` if absent or null (a 0 is refused,
+  never replaced by the default)."""
+  value = hf.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise LoadError(f"config.json of a {arch} lacks {key!r}, which sets "
+                      "the model's shape; add it from the model card.",
+                      field=key)
+    return default
+  if not _is_int(value) or value <= 0:
+    raise _bad(key, value, "a positive int")
+  return value
+
+
+def _positive_float(hf: dict[str, Any], key: str, default: float) -> float:
+  """`hf[key]`, a finite number > 0; `default` if absent or null."""
+  value = hf.get(key)
+  if value is None:
+    return float(default)
+  if (not isinstance(value, (int, float)) or isinstance(value, bool)
+      or (isinstance(value, float) and not math.isfinite(value))
+      or value <= 0):
+    raise _bad(key, value, "a finite number > 0")
+  return float(value)
+
+
+def _flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+  """`hf[key]`, a JSON boolean; `default` if absent or null."""
+  value = hf.get(key)
+  if value is None:
+    return default
+  if not isinstance(value, bool):
+    raise _bad(key, value, "a JSON boolean (true or false)")
+  return value
+
+
+def _text(hf: dict[str, Any], key: str) -> str | None:
+  value = hf.get(key)
+  if value is not None and not isinstance(value, str):
+    raise _bad(key, value, "a string")
+  return value
+
+
 def architecture_of(hf: dict[str, Any]) -> str:
   """The supported architecture named by a `config.json` dict."""
+  if not isinstance(hf, dict):
+    raise LoadError(f"config.json holds {type(hf).__name__} {hf!r:.60}, not "
+                    "a JSON object of settings.")
   names = hf.get("architectures") or []
-  if not names and hf.get("model_type") in _MODEL_TYPES:
-    names = [_MODEL_TYPES[hf["model_type"]]]
+  if not isinstance(names, list) or not all(isinstance(n, str)
+                                            for n in names):
+    raise _bad("architectures", names, "a list of class names")
+  model_type = _text(hf, "model_type")
+  if not names and model_type in _MODEL_TYPES:
+    names = [_MODEL_TYPES[model_type]]
   known = [name for name in names if name in ARCHITECTURES]
   if len(known) != 1:
-    raise ValueError(
+    raise LoadError(
         f"config.json names architectures={names!r}; load_hf imports exactly "
-        f"one of {', '.join(ARCHITECTURES)}.")
+        f"one of {', '.join(ARCHITECTURES)}.", field="architectures")
   return known[0]
-
-
-def _require(hf: dict[str, Any], key: str, arch: str):
-  if hf.get(key) is None:
-    raise ValueError(f"config.json of a {arch} lacks {key!r}, which sets the "
-                     "model's shape; add it from the model card.")
-  return hf[key]
 
 
 def _rope_theta(hf: dict[str, Any], default: float) -> float:
   """RoPE base, refusing any rope scaling the model does not implement."""
-  theta = hf.get("rope_theta", default)
+  theta = _positive_float(hf, "rope_theta", default)
   for key in ("rope_parameters", "rope_scaling"):
     params = hf.get(key)
     if not params:
       continue
     if not isinstance(params, dict) or any(isinstance(v, dict)
                                            for v in params.values()):
-      raise ValueError(f"config.json {key}={params!r} is not one flat dict; "
-                       "load_hf supports a single default RoPE.")
+      raise LoadError(f"config.json {key}={params!r} is not one flat dict; "
+                      "load_hf supports a single default RoPE.", field=key)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-      raise ValueError(
+      raise LoadError(
           f"config.json {key} has rope_type={rope_type!r}; the model "
-          "implements only the default (unscaled) RoPE.")
+          "implements only the default (unscaled) RoPE.", field=key)
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-      raise ValueError(f"config.json {key} rotates a part of each head "
-                       f"(partial_rotary_factor="
-                       f"{params['partial_rotary_factor']}); unsupported.")
-    theta = params.get("rope_theta", theta)
-  return float(theta if theta is not None else default)
+      raise LoadError(f"config.json {key} rotates a part of each head "
+                      f"(partial_rotary_factor="
+                      f"{params['partial_rotary_factor']!r}); unsupported.",
+                      field=key)
+    theta = _positive_float(params, "rope_theta", theta)
+  return theta
 
 
 def _sliding_window(hf: dict[str, Any], arch: str) -> int | None:
   """The attention window transformers would apply, or None for full."""
-  window = hf.get("sliding_window") or None
+  window = hf.get("sliding_window")
+  if window is not None and (not _is_int(window) or window < 0):
+    raise _bad("sliding_window", window, "null or an int >= 0")
+  window = window or None
   if arch == "MixtralForCausalLM":
     return window
   if arch == "Qwen2MoeForCausalLM":
     layer_types = hf.get("layer_types") or ["sliding_attention"]
-    uses = hf.get("use_sliding_window") and "sliding_attention" in layer_types
+    if not isinstance(layer_types, list):
+      raise _bad("layer_types", layer_types, "a list of layer types")
+    uses = (_flag(hf, "use_sliding_window", False)
+            and "sliding_attention" in layer_types)
     return window if uses else None
   if arch == "Qwen3MoeForCausalLM":
-    return window if hf.get("use_sliding_window") else None
+    return window if _flag(hf, "use_sliding_window", False) else None
   return None  # OLMoE always attends causally over the full sequence.
 
 
 def config_from_hf(hf: dict[str, Any], name: str | None = None) -> MoEConfig:
   """Translates a Hugging Face `config.json` dict into an `MoEConfig`.
+
+  Every key is type-checked: sizes must be positive ints, `rms_norm_eps`,
+  `rope_theta` finite numbers > 0, flags JSON booleans (the string "false"
+  is refused, not read as true). A key that is absent or null takes the
+  transformers default; a present 0 is refused, never defaulted.
 
   Args:
     hf: the parsed `config.json` of a supported architecture.
@@ -143,72 +224,114 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> MoEConfig:
     the matching `MoEConfig`.
 
   Raises:
-    ValueError: if the architecture is unsupported or the config describes
-      a model `MoEModel` cannot compute exactly (dense layers, sliding
-      window, scaled RoPE, qkv clipping, an activation other than SiLU).
+    LoadError (a ValueError) naming the key: if the architecture is
+      unsupported, a value has the wrong type or range, or the config
+      describes a model `MoEModel` cannot compute exactly (dense layers,
+      sliding window, scaled RoPE, qkv clipping, an activation other than
+      SiLU).
   """
   arch = architecture_of(hf)
   spec = ARCHITECTURES[arch]
   act = hf.get("hidden_act", "silu")
   if act not in ("silu", "swish"):
-    raise ValueError(f"config.json hidden_act={act!r}; the experts are SwiGLU "
-                     "and need 'silu'.")
-  if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-    raise ValueError(
+    raise LoadError(f"config.json hidden_act={act!r}; the experts are "
+                    "SwiGLU and need 'silu'.", field="hidden_act")
+  dense = hf.get("mlp_only_layers")
+  if hf.get("decoder_sparse_step", 1) != 1 or dense:
+    raise LoadError(
         f"config.json decoder_sparse_step={hf.get('decoder_sparse_step')}, "
-        f"mlp_only_layers={hf.get('mlp_only_layers')}: some layers are dense "
-        "MLPs, but every layer of MoEModel is an MoE layer. Needs "
-        "decoder_sparse_step=1 and mlp_only_layers=[].")
+        f"mlp_only_layers={dense}: some layers are dense MLPs, but every "
+        "layer of MoEModel is an MoE layer. Needs decoder_sparse_step=1 and "
+        "mlp_only_layers=[].", field="decoder_sparse_step")
   if hf.get("clip_qkv") is not None:
-    raise ValueError(f"config.json clip_qkv={hf['clip_qkv']}: clamping q/k/v "
-                     "is not implemented; needs clip_qkv=null.")
-  if arch in ("Qwen3MoeForCausalLM", "OlmoeForCausalLM") and hf.get(
-      "attention_bias"):
-    raise ValueError(f"config.json attention_bias=true: a {arch} then has an "
-                     "o_proj bias, which MoEModel lacks.")
-  max_seq_len = int(hf.get("max_position_embeddings") or spec.max_seq_len)
+    raise LoadError(f"config.json clip_qkv={hf['clip_qkv']}: clamping q/k/v "
+                    "is not implemented; needs clip_qkv=null.",
+                    field="clip_qkv")
+  if arch in ("Qwen3MoeForCausalLM", "OlmoeForCausalLM") and _flag(
+      hf, "attention_bias", False):
+    raise LoadError(f"config.json attention_bias=true: a {arch} then has an "
+                    "o_proj bias, which MoEModel lacks.",
+                    field="attention_bias")
+  max_seq_len = _positive_int(hf, "max_position_embeddings", arch,
+                              spec.max_seq_len)
   window = _sliding_window(hf, arch)
   if window is not None and window < max_seq_len:
-    raise ValueError(
+    raise LoadError(
         f"config.json uses sliding-window attention (sliding_window={window} "
         f"< max_position_embeddings={max_seq_len}); MoEModel attends over "
         "the full sequence. Needs use_sliding_window=false or "
-        "sliding_window=null.")
+        "sliding_window=null.", field="sliding_window")
 
-  experts = {hf[k] for k in ("num_local_experts", "num_experts")
-             if hf.get(k) is not None}
-  if len(experts) != 1:
-    raise ValueError(
+  experts = {key: _positive_int(hf, key, arch, None)
+             for key in ("num_local_experts", "num_experts")}
+  given = {v for v in experts.values() if v is not None}
+  if len(given) != 1:
+    raise LoadError(
         f"config.json must give the number of experts once as "
-        f"num_local_experts or num_experts; found {sorted(experts)}.")
-  d_model = int(_require(hf, "hidden_size", arch))
-  num_heads = int(_require(hf, "num_attention_heads", arch))
-  head_dim = int(hf.get("head_dim") or d_model // num_heads)
-  shared_ffn = (int(_require(hf, "shared_expert_intermediate_size", arch))
+        f"num_local_experts or num_experts; found {sorted(given)}.",
+        field="num_experts")
+  d_model = _positive_int(hf, "hidden_size", arch)
+  num_heads = _positive_int(hf, "num_attention_heads", arch)
+  shared_ffn = (_positive_int(hf, "shared_expert_intermediate_size", arch)
                 if arch == "Qwen2MoeForCausalLM" else 0)
   return MoEConfig(
-      name=name or hf.get("model_type", arch),
-      vocab_size=int(_require(hf, "vocab_size", arch)),
+      name=name or _text(hf, "model_type") or arch,
+      vocab_size=_positive_int(hf, "vocab_size", arch),
       d_model=d_model,
-      num_layers=int(_require(hf, "num_hidden_layers", arch)),
+      num_layers=_positive_int(hf, "num_hidden_layers", arch),
       num_heads=num_heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-      head_dim=head_dim,
-      num_experts=int(experts.pop()),
-      top_k=int(_require(hf, "num_experts_per_tok", arch)),
-      expert_ffn=int(_require(hf, spec.ffn_key, arch)),
+      num_kv_heads=_positive_int(hf, "num_key_value_heads", arch, num_heads),
+      head_dim=_positive_int(hf, "head_dim", arch, d_model // num_heads),
+      num_experts=given.pop(),
+      top_k=_positive_int(hf, "num_experts_per_tok", arch),
+      expert_ffn=_positive_int(hf, spec.ffn_key, arch),
       shared_ffn=shared_ffn,
       shared_expert_gate=shared_ffn > 0,
       # Mixtral always renormalises; the others default to not.
       norm_topk_prob=(arch == "MixtralForCausalLM" or
-                      bool(hf.get("norm_topk_prob", False))),
+                      _flag(hf, "norm_topk_prob", False)),
       qk_norm=spec.qk_norm,
       qkv_bias=(arch == "Qwen2MoeForCausalLM" and
-                bool(hf.get("qkv_bias", True))),
+                _flag(hf, "qkv_bias", True)),
       rope_theta=_rope_theta(hf, spec.rope_theta),
-      rms_eps=float(hf.get("rms_norm_eps") or spec.rms_eps),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      rms_eps=_positive_float(hf, "rms_norm_eps", spec.rms_eps),
+      tie_embeddings=_flag(hf, "tie_word_embeddings", False),
       max_seq_len=max_seq_len)
+
+
+def _read_config(directory: pathlib.Path) -> tuple[dict[str, Any],
+                                                   MoEConfig]:
+  """The parsed `config.json` of `directory` and its `MoEConfig`."""
+  config_file = directory / "config.json"
+  if not config_file.is_file():
+    raise MissingFileError(f"{directory} has no config.json; pass the "
+                           "directory written by save_pretrained.",
+                           file=directory)
+  hf = read_json(config_file)
+  try:
+    return hf, config_from_hf(hf, name=directory.name)
+  except ValueError as e:  # LoadError, or MoEConfig's own checks
+    raise LoadError(f"{config_file}: {e}", file=config_file,
+                    field=getattr(e, "field", None)) from None
+
+
+def config_from_file(path: str | pathlib.Path) -> MoEConfig:
+  """The `MoEConfig` of a local Hugging Face directory's `config.json`.
+
+  Args:
+    path: the directory (or its `config.json`).
+
+  Returns:
+    the config, checked as `config_from_hf` checks it.
+
+  Raises:
+    MissingFileError: if there is no config.json.
+    LoadError: naming the file and key, if it is not valid JSON or
+      `config_from_hf` refuses it.
+  """
+  path = pathlib.Path(path)
+  return _read_config(path.parent if path.name == "config.json"
+                      and path.is_file() else path)[1]
 
 
 # ---------------------------------------------------------------- mapping
@@ -326,7 +449,7 @@ def _plan(model: MoEModel, arch: _Arch, names: set[str]) -> Plan:
   return plan
 
 
-def _check(plan: Plan, ckpt: SafetensorsCheckpoint, c: MoEConfig, where: str) -> None:
+def _check(plan: Plan, ckpt: SafetensorsCheckpoint, c: MoEConfig) -> None:
   """Raises listing every missing, mis-shaped or unused tensor."""
   problems, used = [], set()
   for _, copies in plan:
@@ -350,8 +473,21 @@ def _check(plan: Plan, ckpt: SafetensorsCheckpoint, c: MoEConfig, where: str) ->
   if problems:
     shown = "; ".join(problems[:8])
     more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
-    raise ValueError(f"Checkpoint {where} does not match its config.json: "
-                     f"{shown}{more}.")
+    raise LoadError(f"Checkpoint {ckpt.source} does not match its "
+                    f"config.json: {shown}{more}.", file=ckpt.source)
+
+
+def _check_finite(ckpt: SafetensorsCheckpoint, name: str,
+                  tensor: np.ndarray) -> None:
+  """Refuses NaN or infinite weights: what a bit flip in the data leaves."""
+  finite = np.isfinite(tensor)
+  if not finite.all():
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    raise LoadError(
+        f"{ckpt.tensors[name].file}: tensor {name!r} holds "
+        f"{int((~finite).sum())} NaN or infinite value(s) (the first at "
+        f"index {first}); the file is corrupt. Re-download or re-save it.",
+        file=ckpt.tensors[name].file, field=name)
 
 
 def load_hf(path: str | pathlib.Path, dtype=jnp.float32) -> MoEModel:
@@ -367,38 +503,37 @@ def load_hf(path: str | pathlib.Path, dtype=jnp.float32) -> MoEModel:
     the model, routed experts stacked `[L, E, ...]` in `model.experts`.
 
   Raises:
-    FileNotFoundError: if the directory, its config or its weights are
-      missing.
-    ValueError: if the config is unsupported or a tensor is missing, has
-      the wrong shape or is left over.
+    MissingFileError (a FileNotFoundError): if the directory, its config or
+      its weights are missing.
+    LoadError (a ValueError) naming the file and the key or tensor: if the
+      config is unsupported or malformed, a safetensors file or the index
+      is corrupt, or a tensor is missing, mis-shaped, left over or holds
+      NaN or infinity.
   """
   directory = pathlib.Path(path)
   if not directory.is_dir():
-    raise FileNotFoundError(f"Checkpoint directory {directory} does not "
-                            "exist; pass a local save_pretrained directory.")
-  config_file = directory / "config.json"
-  if not config_file.is_file():
-    raise FileNotFoundError(f"{directory} has no config.json; pass the "
-                            "directory written by save_pretrained.")
+    raise MissingFileError(f"Checkpoint directory {directory} does not "
+                           "exist; pass a local save_pretrained directory.",
+                           file=directory)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype={dtype} is not a floating-point dtype.")
-  hf = json.loads(config_file.read_text())
-  try:
-    config = config_from_hf(hf, name=directory.name)
-  except ValueError as e:
-    raise ValueError(f"{config_file}: {e}") from None
+  hf, config = _read_config(directory)
   arch = ARCHITECTURES[architecture_of(hf)]
   ckpt = SafetensorsCheckpoint(directory)
 
   # Shapes only: no random weights are drawn for a model about to be filled.
   model = nnx.eval_shape(lambda: MoEModel(config, dtype=dtype))
   plan = _plan(model, arch, set(ckpt.tensors))
-  _check(plan, ckpt, config, str(directory))
+  _check(plan, ckpt, config)
   np_dtype = np.dtype(dtype)
+  checked = set()
   for variable, copies in plan:
     buffer = np.empty(variable.get_value().shape, np_dtype)
     for cp in copies:
       tensor = ckpt.read(cp.source)
+      if cp.source not in checked:
+        _check_finite(ckpt, cp.source, tensor)
+        checked.add(cp.source)
       buffer[cp.index] = cp.transform(tensor) if cp.transform else tensor
     variable.set_value(jnp.asarray(buffer))
 

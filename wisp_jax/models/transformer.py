@@ -322,7 +322,30 @@ class MoEModel(nnx.Module):
 
   def __call__(self, tokens) -> jax.Array:
     """Full-sequence logits `[B, T, V]` for int tokens `[B, T]` (jitted;
-    compiles once per token shape)."""
+    compiles once per token shape).
+
+    Concrete tokens are checked on the host before the jitted call: an id
+    outside `[0, vocab_size)` would otherwise be clamped by the embedding
+    gather without a word. Traced tokens (a caller's own `jit`) cannot be
+    checked here.
+
+    Raises:
+      ValueError: if tokens are not an integer `[B, T]` array, or an id lies
+        outside `[0, vocab_size)`.
+    """
+    if not isinstance(tokens, jax.core.Tracer):
+      host = np.asarray(jax.device_get(tokens))
+      if host.ndim != 2 or not (np.issubdtype(host.dtype, np.integer)
+                                or host.size == 0):
+        raise ValueError(f"model(tokens) takes int tokens [B, T], got shape "
+                         f"{host.shape} of dtype {host.dtype}.")
+      vocab = self.config.vocab_size
+      if host.size and (host.min() < 0 or host.max() >= vocab):
+        bad = host[(host < 0) | (host >= vocab)]
+        raise ValueError(
+            f"model(tokens): {bad.size} token id(s) outside [0, {vocab}), "
+            f"e.g. {int(bad[0])}; the embedding has vocab_size={vocab} rows. "
+            "Tokenize with this model's tokenizer.")
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
       raise ValueError(f"model(tokens) takes int tokens [B, T], got shape "

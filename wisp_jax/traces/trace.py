@@ -13,17 +13,22 @@ ids and gate weights of every layer. Columns (N events, L layers, K top-k):
   weights   [N, L, K]   float32 gate weights, in the same order as `ids`.
 
 Saved as a compressed `.npz` with a `schema_version`; `load` validates every
-field before anything else touches it.
+field before anything else touches it, and refuses a file it cannot read
+(empty, truncated, not an npz, a CRC error in a member) with a `LoadError`
+naming the file. The zip CRC of each member makes bit flips in the data
+detectable; a flip in zip bookkeeping that numpy does not use (timestamps)
+changes nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from wisp_jax.errors import LoadError, MissingFileError
 
 SCHEMA_VERSION = 1
 PREFILL, DECODE, UNKNOWN = 0, 1, -1
@@ -229,17 +234,30 @@ class RoutingTrace:
     """Reads and validates a trace written by `save`.
 
     Raises:
-      ValueError: naming the file, the field and what is wrong with it.
+      MissingFileError (a FileNotFoundError): if `path` does not exist.
+      LoadError (a ValueError): naming the file, the field and what is
+        wrong with it, or why the file cannot be read.
     """
+    if not os.path.isfile(path):
+      raise MissingFileError(f"{path}: no such RoutingTrace file.", file=path)
     try:
-      with np.load(path, allow_pickle=False) as data:
+      data = np.load(path, allow_pickle=False)
+      if not isinstance(data, np.lib.npyio.NpzFile):
+        raise LoadError(f"{path}: not a RoutingTrace .npz (it holds one "
+                        ".npy array); write traces with RoutingTrace.save.",
+                        file=path)
+      with data:
         fields = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-      raise ValueError(f"{path}: not a readable RoutingTrace .npz ({e}).")
+    except LoadError:
+      raise
+    except Exception as e:  # zip, zlib, npy header and EOF errors alike
+      raise LoadError(f"{path}: not a readable RoutingTrace .npz "
+                      f"({type(e).__name__}: {e}); the file is empty, "
+                      "truncated or corrupt.", file=path) from None
     try:
       return cls._from_fields(fields)
     except ValueError as e:
-      raise ValueError(f"{path}: {e}") from None
+      raise LoadError(f"{path}: {e}", file=path) from None
 
   @classmethod
   def _from_fields(cls, fields: dict[str, np.ndarray]) -> "RoutingTrace":
@@ -248,6 +266,16 @@ class RoutingTrace:
     if missing:
       _fail(missing[0], f"missing (missing fields: {missing})",
             "write traces with RoutingTrace.save")
+    for name in ("schema_version", "top_k", "num_layers", "num_experts"):
+      value = fields[name]
+      if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        _fail(name, f"must be one integer, got an array of shape "
+              f"{value.shape} and dtype {value.dtype}")
+    for name in ("model", "source"):
+      value = fields[name]
+      if value.shape != () or value.dtype.kind != "U":
+        _fail(name, f"must be one string, got an array of shape "
+              f"{value.shape} and dtype {value.dtype}")
     version = int(fields["schema_version"])
     if version != SCHEMA_VERSION:
       _fail("schema_version", f"is {version}, this code reads "
