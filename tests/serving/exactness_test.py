@@ -19,6 +19,7 @@ def _assert_all_exact(runs):
   assert runs
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("dtype", exactness.DTYPES)
 def test_default_model_every_source_and_policy(dtype):
   runs = exactness.check_model("default", dtype)
@@ -34,6 +35,7 @@ def test_default_model_every_source_and_policy(dtype):
   assert lru == sorted(lru) and lru[0] < lru[-1]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("model", ["mixtral-8x7b-small", "qwen3-30b-a3b-small",
                                    "olmoe-1b-7b-small"])
 def test_real_geometry_presets(model):
@@ -44,6 +46,7 @@ def test_real_geometry_presets(model):
   assert len(runs) == 2 + 2 * 3
 
 
+@pytest.mark.long
 def test_exact_under_every_isa():
   """The tiny preset's matrix (both dtypes; every source, LRU and pinned at
   every capacity) again in one subprocess per instruction set."""
