@@ -59,7 +59,8 @@ def test_bank_is_on_host_as_stored_bits(setup):
         np.asarray(model.experts.gate[...]))
 
 
-@pytest.mark.parametrize("source", ["static_offload", "transient"])
+@pytest.mark.parametrize("source", ["layer_offload", "static_offload",
+                                    "transient"])
 def test_offload_sources_equal_resident(setup, source):
   model, bank, ref = setup
   out = generate(model, PROMPTS, NEW_TOKENS, experts=source, bank=bank,
@@ -67,7 +68,7 @@ def test_offload_sources_equal_resident(setup, source):
   assert np.array_equal(out.logits, ref.logits)
   assert np.array_equal(out.tokens, ref.tokens)
   passes = NEW_TOKENS
-  if source == "static_offload":
+  if source in ("layer_offload", "static_offload"):
     # Every expert of every layer crosses on every forward pass.
     assert out.stats.loads.tolist() == [passes * CONFIG.num_experts] * 2
   else:
@@ -103,6 +104,38 @@ def test_paged_equals_resident_and_reference_counts(setup, policy):
     assert np.all(out.stats.loads >= out.stats.misses)
     if capacity == max(CAPACITIES) and policy != "pinned":
       assert out.stats.hit_rate > 0.5
+
+
+@pytest.mark.parametrize("kept", [3, [6, 1]])
+def test_static_offload_at_a_budget_streams_what_is_not_kept(setup, kept):
+  model, bank, ref = setup
+  out = generate(model, PROMPTS, NEW_TOKENS, experts="static_offload",
+                 slots_per_layer=kept, bank=bank, return_logits=True)
+  assert np.array_equal(out.logits, ref.logits)
+  kept = np.broadcast_to(kept, (CONFIG.num_layers,))
+  per_expert = 3 * CONFIG.d_model * CONFIG.expert_ffn * model.dtype.itemsize
+  # Per pass: the model's expert bytes minus the resident expert bytes.
+  per_pass = (CONFIG.num_layers * CONFIG.num_experts - kept.sum()) * per_expert
+  assert out.stats.bytes_moved == NEW_TOKENS * per_pass
+  assert np.array_equal(out.stats.per_pass_loads,
+                        np.broadcast_to(CONFIG.num_experts - kept,
+                                        (NEW_TOKENS, CONFIG.num_layers)))
+  # Needs of kept experts are hits, the others misses.
+  needed = [[np.unique(ids[l]) for l in range(CONFIG.num_layers)]
+            for ids in ref.routing_ids]
+  hits = [[int((n < kept[l]).sum()) for l, n in enumerate(step)]
+          for step in needed]
+  assert out.stats.per_pass_hits.tolist() == hits
+
+
+def test_static_offload_refuses_bad_counts(tiny_f32):
+  model, bank = tiny_f32
+  with pytest.raises(ValueError, match="more than its 6 experts"):
+    generate(model, PROMPTS, 2, experts="static_offload", slots_per_layer=7,
+             bank=bank)
+  with pytest.raises(ValueError, match="keeps no expert resident"):
+    generate(model, PROMPTS, 2, experts="layer_offload", slots_per_layer=2,
+             bank=bank)
 
 
 def test_paged_bytes_far_below_static_offload(tiny_f32):

@@ -1,9 +1,11 @@
 """Tests of wisp_jax/runs/simulate.py on the `tiny` config."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -72,32 +74,48 @@ def test_hit_rates_are_consistent(tiny_run):
 def test_modes_per_budget(tiny_run):
   config, summary, _ = tiny_run
   model = get_preset("default")
-  all_experts = model.num_layers * model.num_experts * cost.expert_bytes(
-      model)
+  one = cost.expert_bytes(model)
+  all_experts = model.num_layers * model.num_experts * one
   assert summary["model"]["all_experts_bytes_per_pass"] == all_experts
   rows = summary["budgets"]
+  kv = rows[0]["kv_reserve_bytes"]
   for row in rows:
-    modes = row["modes"]
-    # Static offload moves every expert of every layer on every pass.
-    assert modes["static_offload"]["bytes_per_pass"] == all_experts
+    modes, plan = row["modes"], row["plan"]
+    # Everything the budget holds after dense weights and the KV reserve.
+    left = row["budget_bytes"] - cost.dense_bytes(model) - kv
+    assert plan["expert_bytes_budget"] == left
+    kept = min(left // one, model.num_layers * model.num_experts)
+    assert plan["resident_experts"] == modes["static_offload"][
+        "resident_experts"] == kept
+    # Static offload at this budget streams what it does not keep; layer
+    # offload streams every expert of every layer.
+    assert modes["static_offload"]["bytes_per_pass"] == all_experts - kept * one
+    assert modes["layer_offload"]["bytes_per_pass"] == all_experts
     assert modes["resident"]["bytes_per_pass"] == 0
-    paged, static = modes["paged"], modes["static_offload"]
-    if paged["fits"] and static["fits"]:
-      for name, result in paged["policies"].items():
-        if result["hit_rate"] > 0:
-          assert result["tokens_per_s"] >= static["tokens_per_s"], name
-        assert result["bytes_per_token"] < static["bytes_per_token"]
-  # 2 MiB: nothing fits; 3 MiB: S = K = 2 slots; 6.5 MiB: resident fits and
-  # paged gets every expert.
-  assert [r["modes"]["paged"]["slots_per_layer"] for r in rows] == [0, 2, 4, 8]
+    paged = modes["paged"]
+    if paged["fits"]:
+      slots = np.array(paged["slots_per_layer"])
+      # The slots use the whole expert budget (less than one expert left,
+      # or every layer full) and every layer can hold one token's experts.
+      assert slots.sum() * one <= left
+      assert left - slots.sum() * one < one or slots.min() == model.num_experts
+      assert slots.min() >= model.top_k and slots.max() - slots.min() <= 1
+      assert row["paged_vs_static_offload"] == pytest.approx(
+          paged["tokens_per_s"] / modes["static_offload"]["tokens_per_s"])
+  # 2 MiB: paged cannot run (fewer than K slots per layer) but static
+  # offload can; 6.5 MiB: the whole model is resident.
+  assert [r["modes"]["paged"]["fits"] for r in rows] == [False, True, True,
+                                                        True]
+  assert rows[0]["modes"]["paged"]["tokens_per_s"] is None
+  assert rows[0]["modes"]["static_offload"]["tokens_per_s"] > 0
   assert [r["modes"]["resident"]["fits"] for r in rows] == [
       False, False, False, True]
-  assert rows[0]["modes"]["paged"]["tokens_per_s"] is None
   paged = [r["modes"]["paged"]["tokens_per_s"] for r in rows[1:]]
   assert paged == sorted(paged)  # more slots, fewer misses, faster
+  assert "cannot run" in summary["table"].splitlines()[1]
 
 
-def test_static_offload_speed_equals_cost_model(tiny_run):
+def test_offload_speeds_equal_cost_model(tiny_run):
   config, summary, _ = tiny_run
   model = get_preset("default")
   s = config.synthetic
@@ -105,13 +123,67 @@ def test_static_offload_speed_equals_cost_model(tiny_run):
                            s.num_requests, s.tokens_per_request, s.batch,
                            seed=s.seed, **s.options.to_dict())
   needed = trace.needed_masks().sum(axis=(1, 2))
-  seconds = sum(cost.step_cost(model, config.hardware, batch=s.batch,
-                               context_len=config.context_len,
-                               mode="static_offload",
-                               needed_experts=int(n)).total_s for n in needed)
-  want = trace.num_tokens / seconds
-  got = summary["budgets"][-1]["modes"]["static_offload"]["tokens_per_s"]
-  assert got == pytest.approx(want, rel=1e-9)
+  for row in summary["budgets"]:
+    for mode in ("layer_offload", "static_offload"):
+      kept = row["plan"]["resident_experts"] if mode == "static_offload" else 0
+      seconds = sum(cost.step_cost(
+          model, config.hardware, batch=s.batch,
+          context_len=config.context_len, mode=mode, resident_experts=kept,
+          needed_experts=int(n)).total_s for n in needed)
+      got = row["modes"][mode]["tokens_per_s"]
+      assert got == pytest.approx(trace.num_tokens / seconds, rel=1e-9)
+
+
+def test_budget_and_width_checks(tmp_path):
+  config = tiny_config()
+  config.budget_bytes = (64 * 2**30,)  # above the rtx3090's 24 GiB
+  with pytest.raises(ValueError, match="exceed rtx3090's 24 GiB"):
+    simulate.run(config, tmp_path)
+  config.allow_oversize = True
+  summary = simulate.run(config, tmp_path)
+  assert any("whole model resident" in n for n in summary["notes"])
+  config = tiny_config()
+  config.expert_bytes_per_param = 3.0
+  with pytest.raises(ValueError, match="expert_bytes_per_param=3.0"):
+    simulate.run(config, tmp_path)
+  # int4 experts: a quarter of the bf16 bytes per expert.
+  config.expert_bytes_per_param = 0.5
+  summary = simulate.run(config, tmp_path)
+  assert summary["model"]["expert_bytes"] * 4 == cost.expert_bytes(
+      get_preset("default"))
+  # Budgets as a command-line string.
+  fields = tiny_config().to_dict()
+  fields["budget_bytes"] = "3MiB,4MiB"
+  config = ml_collections.ConfigDict(fields)
+  summary = simulate.run(config, tmp_path)
+  assert [r["budget_bytes"] for r in summary["budgets"]] == [3 * 2**20,
+                                                             4 * 2**20]
+
+
+def test_imported_trace_gets_phases(tmp_path):
+  model = get_preset("default")
+  trace = synthetic.sticky(model.num_layers, model.num_experts, model.top_k,
+                           4, 12, 4, seed=1)
+  # An imported log: no phases, and a 6-token prefill step per request.
+  unknown = dataclasses.replace(trace, phase=np.full_like(trace.phase, -1))
+  first = trace.select(trace.step == trace.step.min())
+  prefill = dataclasses.replace(
+      first.select(np.repeat(np.arange(first.num_tokens), 6)),
+      phase=np.full(first.num_tokens * 6, -1, np.int8))
+  merged = dataclasses.replace(
+      unknown, **{f: np.concatenate([getattr(prefill, f),
+                                     getattr(unknown, f)[first.num_tokens:]])
+                  for f in ("step", "request", "phase", "position", "ids",
+                            "weights")})
+  path = tmp_path / "imported.npz"
+  merged.save(path)
+  config = tiny_config()
+  config.trace = str(path)
+  summary = simulate.run(config, tmp_path / "run")
+  assert any("no phase" in n for n in summary["notes"])
+  # The prefill step is not timed: decode steps are the trace's others.
+  assert summary["trace"]["decode_steps"] == summary["trace"]["num_steps"] - 1
+  assert summary["trace"]["max_decode_batch"] == 4
 
 
 def test_trace_must_match_the_preset():

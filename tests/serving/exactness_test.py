@@ -24,8 +24,8 @@ def _assert_all_exact(runs):
 def test_default_model_every_source_and_policy(dtype):
   runs = exactness.check_model("default", dtype)
   _assert_all_exact(runs)
-  # 2 offload sources + 5 policies x 3 capacities.
-  assert len(runs) == 2 + 5 * 3
+  # 3 offload sources + 5 policies x 3 capacities.
+  assert len(runs) == 3 + 5 * 3
   hit = {(r.policy, r.capacity): r.hit_rate for r in runs
          if r.experts == "paged"}
   # Real routing has reuse: the pager hits, and more slots hit more.
@@ -43,7 +43,7 @@ def test_real_geometry_presets(model):
   _assert_all_exact(runs)
   assert {r.capacity for r in runs if r.experts == "paged"} == {
       r.capacity for r in runs if r.policy == "lru"}
-  assert len(runs) == 2 + 2 * 3
+  assert len(runs) == 3 + 2 * 3
 
 
 @pytest.mark.long
@@ -61,4 +61,5 @@ def test_exact_under_every_isa():
     kinds = collections.Counter((r.dtype, r.experts) for r in runs)
     assert kinds == {(d, e): n for d in exactness.DTYPES
                      for e, n in (("static_offload", 1), ("transient", 1),
-                                  ("paged", 6))}, (isa, kinds)
+                                  ("layer_offload", 1), ("paged", 6))}, (
+                                      isa, kinds)

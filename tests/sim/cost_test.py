@@ -123,3 +123,30 @@ def test_user_defined_profile_from_dict():
     hardware.profile_from_dict({**TOY_HW, "pcie": 4})
   with pytest.raises(ValueError, match="hbm_bytes_per_s must be positive"):
     hardware.profile_from_dict({**TOY_HW, "hbm_bytes_per_s": 0})
+
+
+def test_static_offload_at_a_budget_streams_what_is_not_kept():
+  # TOY: L x E = 8 experts of 192 bytes; keep 3 resident, stream 5 per pass.
+  kept = cost.step_cost(TOY, TOY_HW, batch=1, context_len=0,
+                        mode="static_offload", resident_experts=3)
+  assert kept.experts_moved == 8 - 3
+  assert kept.transfer_bytes == 5 * 192
+  assert kept.transfer_s == pytest.approx(5 * 192 / 1e9)
+  layer = cost.step_cost(TOY, TOY_HW, batch=1, context_len=0,
+                         mode="layer_offload")
+  assert layer.experts_moved == 8 and layer.transfer_bytes == 8 * 192
+  none_kept = cost.step_cost(TOY, TOY_HW, batch=1, context_len=0,
+                             mode="static_offload")
+  assert none_kept.total_s == layer.total_s
+  with pytest.raises(ValueError, match="resident_experts=9"):
+    cost.step_cost(TOY, TOY_HW, batch=1, context_len=0,
+                   mode="static_offload", resident_experts=9)
+
+
+def test_expert_widths():
+  # int8 and int4 experts: 96 and 48 bytes; dense weights stay bf16.
+  assert cost.expert_bytes(TOY, 1) == 96 and cost.expert_bytes(TOY, 0.5) == 48
+  assert cost.model_bytes(TOY, 2, 0.5) == cost.dense_bytes(TOY) + 8 * 48
+  int4 = cost.step_cost(TOY, TOY_HW, batch=1, context_len=0,
+                        mode="layer_offload", expert_bytes_per_param=0.5)
+  assert int4.transfer_bytes == 8 * 48

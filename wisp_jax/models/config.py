@@ -93,9 +93,10 @@ class MoEConfig:
     """Parameters of one routed expert (gate, up and down projections)."""
     return 3 * self.d_model * self.expert_ffn
 
-  def expert_bytes(self, bytes_per_param: int = 2) -> int:
-    """Bytes of one routed expert at the given width (bf16 by default)."""
-    return self.expert_params * bytes_per_param
+  def expert_bytes(self, bytes_per_param: float = 2) -> int:
+    """Bytes of one routed expert at the given width (bf16 by default;
+    int4 is 0.5, rounded up to whole bytes)."""
+    return -(-int(self.expert_params * 2 * bytes_per_param) // 2)
 
   def replace(self, **changes) -> "MoEConfig":
     return dataclasses.replace(self, **changes)

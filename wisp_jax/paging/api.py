@@ -14,7 +14,7 @@ from wisp_jax.models.experts import SourceSpec
 from wisp_jax.paging import bank as bank_lib
 from wisp_jax.paging import pager
 from wisp_jax.paging.policies import get_policy, most_used
-from wisp_jax.paging.sources import SOURCES, spec_for
+from wisp_jax.paging.sources import SOURCES, StaticOffloadSpec, spec_for
 
 
 @dataclasses.dataclass
@@ -115,7 +115,9 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
       model's device experts (bf16 ones are re-stored as `uint16` bits, one
       device copy: see `moe.as_bits`).
     experts: one of `SOURCES`.
-    slots_per_layer: S (int) or per-layer capacities `[L]` (paged only).
+    slots_per_layer: S (int) or per-layer capacities `[L]` for `paged`;
+      for `static_offload`, the experts each layer keeps resident (0 ..
+      E; the rest cross PCIe on every pass; default 0).
     policy: paging policy name (paged only).
     policy_options: options of the policy, e.g. `{"tau": 4}` for ws.
     hot_set: `[L, S']` resident experts of `pinned` (S' <= capacity; the
@@ -128,6 +130,18 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
     raise ValueError(f"Unknown expert source {experts!r}; known sources: "
                      f"{', '.join(SOURCES)}.")
   bank_lib.check_bank(bank, config)
+  if experts in ("static_offload", "layer_offload"):
+    if experts == "layer_offload" and slots_per_layer not in (None, 0):
+      raise ValueError("layer_offload keeps no expert resident; use "
+                       "experts='static_offload' with slots_per_layer=R to "
+                       "keep R experts of every layer on the device.")
+    kept = pager.check_capacity(
+        slots_per_layer or 0, config.num_layers, 0, config.num_experts,
+        low_why="0", high_why=f"its {config.num_experts} experts (use the "
+        "resident source)")
+    spec = StaticOffloadSpec(experts, int(kept.min()))
+    return (spec, spec.init_arrays(bank, kept),
+            spec.init_carry(config.num_layers))
   if experts != "paged":
     spec = spec_for(experts)
     if experts == "resident":  # device experts, read as stored bits

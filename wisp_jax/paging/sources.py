@@ -1,5 +1,7 @@
 """Expert sources behind the model's interface, and their specs: resident
-(counting), static offload, transient and paged.
+(counting), static offload at a budget (vLLM `--cpu-offload-gb`: keep what
+fits, stream the rest on every pass), layer offload (stream every expert
+of every layer), transient (use-then-evict) and paged.
 
 Each source's carry counts, per layer and in experts: hits (needed and
 already on device), misses (needed and not) and loads (experts copied host
@@ -31,7 +33,8 @@ from wisp_jax.paging import pager
 from wisp_jax.paging import resize as resize_lib
 from wisp_jax.paging.policies import get_policy
 
-SOURCES = ("resident", "static_offload", "transient", "paged")
+SOURCES = ("resident", "static_offload", "layer_offload", "transient",
+           "paged")
 
 
 @struct.dataclass
@@ -151,20 +154,53 @@ class CountingResidentSource:
   end_step = staticmethod(_tick)
 
 
-class StaticOffloadSource:
-  """Layer offload: all E experts of a layer are copied on every pass."""
+@struct.dataclass
+class OffloadArrays:
+  """Arrays of the static-offload source.
 
-  def __init__(self, bank):
-    self.bank = bank
+  Attributes:
+    bank: `[L, E, ...]` host bank.
+    resident: `[L, R, ...]` device copies of experts `0 .. R-1` of every
+      layer (R = the most any layer keeps; rows past a layer's count unused).
+    count: `[L]` int32 experts each layer keeps resident.
+  """
+  bank: moe.ExpertWeights
+  resident: moe.ExpertWeights
+  count: jax.Array
+
+
+class StaticOffloadSource:
+  """Static offload at a budget (vLLM `--cpu-offload-gb`): each layer keeps
+  its first `count[l]` experts on the device and streams all the others on
+  every pass, needed or not. `count = 0` everywhere is layer offload."""
+
+  def __init__(self, arrays: OffloadArrays, min_kept: int):
+    self.arrays = arrays
+    self.min_kept = min_kept  # static: sizes the scratch table
 
   def layer(self, layer, x, ids, traffic):
-    num_experts = self.bank.gate.shape[1]
-    table = jax.tree.map(
-        lambda w: _to_device(jax.lax.dynamic_slice(
-            w, (layer, 0, 0, 0), (1,) + w.shape[1:]))[0], self.bank)
-    out = moe.expert_ffn(x, table, ids, num_experts=num_experts)
+    bank, resident = self.arrays.bank, self.arrays.resident
+    num_experts = bank.gate.shape[1]
+    kept = self.arrays.count[layer]
+    streamed = num_experts - kept
+    # The streamed experts kept .. E-1, in id order, into a scratch table.
+    rows = num_experts - self.min_kept
+    scratch = jax.tree.map(
+        lambda w: jnp.zeros((rows,) + w.shape[2:], w.dtype), bank)
+    experts = kept + jnp.arange(rows, dtype=jnp.int32)
+    scratch = copy_experts(bank, scratch, layer, experts,
+                           jnp.arange(rows, dtype=jnp.int32), streamed)
+    is_kept = ids < kept
+    out = jnp.zeros(ids.shape + (x.shape[1],), x.dtype)
+    if resident.gate.shape[1]:
+      out = moe.expert_ffn(x, resident, jnp.where(is_kept, ids, 0),
+                           num_experts=num_experts, layer=layer, out=out,
+                           select=is_kept)
+    out = moe.expert_ffn(x, scratch, jnp.maximum(ids - kept, 0),
+                         num_experts=num_experts, out=out, select=~is_kept)
     needed = pager.needed_mask(ids, num_experts)
-    return out, _count(traffic, layer, needed, 0, num_experts)
+    hits = jnp.sum(needed & (jnp.arange(num_experts) < kept), dtype=jnp.int32)
+    return out, _count(traffic, layer, needed, hits, streamed)
 
   end_step = staticmethod(_tick)
 
@@ -237,20 +273,18 @@ class TrafficSpec(SourceSpec):
   """Spec of a source without a cache; `name` picks which.
 
   Attributes:
-    name: "resident", "static_offload" or "transient".
+    name: "resident" or "transient".
   """
   name: str
 
   def __post_init__(self):
-    if self.name not in ("resident", "static_offload", "transient"):
-      raise ValueError(f"TrafficSpec serves resident, static_offload or "
-                       f"transient sources, not {self.name!r}.")
+    if self.name not in ("resident", "transient"):
+      raise ValueError(f"TrafficSpec serves resident or transient sources, "
+                       f"not {self.name!r}.")
 
   def build(self, arrays):
     if self.name == "resident":
       return CountingResidentSource(arrays)
-    if self.name == "static_offload":
-      return StaticOffloadSource(arrays)
     return TransientSource(arrays)
 
   @staticmethod
@@ -260,6 +294,46 @@ class TrafficSpec(SourceSpec):
   @staticmethod
   def counters(carry: Traffic):
     return carry.hits, carry.misses, carry.loads
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticOffloadSpec(SourceSpec):
+  """Spec of static offload at a budget, or layer offload (nothing kept).
+
+  Attributes:
+    name: "static_offload" or "layer_offload".
+    min_kept: fewest experts any layer keeps resident (static: the scratch
+      table streams the E - min_kept others).
+  """
+  name: str = "static_offload"
+  min_kept: int = 0
+
+  def build(self, arrays: OffloadArrays):
+    return StaticOffloadSource(arrays, self.min_kept)
+
+  @staticmethod
+  def init_arrays(bank: moe.ExpertWeights, kept) -> OffloadArrays:
+    """The bank, device copies of each layer's first `kept[l]` experts and
+    the counts `[L]`."""
+    kept = np.asarray(kept, np.int32)
+    most = int(kept.max())
+    resident = _copy_first(bank, most)
+    return OffloadArrays(bank=bank, resident=resident,
+                         count=jax.device_put(kept))
+
+  @staticmethod
+  def init_carry(num_layers: int) -> Traffic:
+    return Traffic.zeros(num_layers)
+
+  @staticmethod
+  def counters(carry: Traffic):
+    return carry.hits, carry.misses, carry.loads
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _copy_first(bank: moe.ExpertWeights, rows: int) -> moe.ExpertWeights:
+  """Device copies of experts `0 .. rows-1` of every layer of the bank."""
+  return jax.tree.map(lambda w: _to_device(w[:, :rows]), bank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +427,8 @@ def spec_for(kind: str, policy: str = "lru",
                      f"{', '.join(SOURCES)}.")
   if kind == "paged":
     return PagedSpec(policy, tuple(policy_options))
+  if kind in ("static_offload", "layer_offload"):
+    return StaticOffloadSpec(kind)
   return TrafficSpec(kind)
 
 

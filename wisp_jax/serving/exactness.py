@@ -1,7 +1,8 @@
 """The exactness matrix: every expert source and policy against resident.
 
 `check_model` decodes one padded batch of prompts with every source
-(`static_offload`, `transient`, `paged` x every live policy x capacities
+(`layer_offload`, `static_offload` keeping E/2 experts per layer,
+`transient`, `paged` x every live policy x capacities
 {top_k, E/2, E-1}, sharing one compiled step per policy through a
 `num_slots = E-1` buffer) and compares each run's logits of every step
 with the resident reference by `np.array_equal`, never a tolerance. It
@@ -124,7 +125,9 @@ def check_model(name: str, dtype: str, new_tokens: int = 128,
     ref = generate(model, prompts, new_tokens, return_logits=True,
                    record_routing=True)
   capacities = sorted({c.top_k, c.num_experts // 2, c.num_experts - 1})
-  configs = [dict(experts="static_offload"), dict(experts="transient")]
+  configs = [dict(experts="layer_offload"), dict(experts="transient"),
+             dict(experts="static_offload",
+                  slots_per_layer=c.num_experts // 2)]
   for policy in policies:
     for capacity in capacities:
       configs.append(dict(experts="paged", policy=policy,

@@ -19,21 +19,26 @@ L x min(E, tokens x K) is used.
 
 Modes (what crosses PCIe per forward step):
   resident        nothing; refused if weights + KV do not fit the budget.
-  static_offload  all E experts of every layer (layer-level offload).
+  static_offload  every expert not kept resident (`resident_experts` of the
+                  L x E stay on the device): vLLM `--cpu-offload-gb`, which
+                  keeps what fits and streams the offloaded rest each pass.
+  layer_offload   all E experts of every layer (nothing kept).
   transient       every expert the step needs (use-then-evict).
-  paged           the given misses.
+  paged           the given misses (loads; a pinned hot set's misses too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, Mapping
 
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.paging.sources import SOURCES
 from wisp_jax.sim.hardware import HardwareProfile, get_profile
 
-Mode = Literal["resident", "static_offload", "transient", "paged"]
+Mode = Literal["resident", "static_offload", "layer_offload", "transient",
+               "paged"]
 Phase = Literal["decode", "prefill"]
 # The modes are the live expert sources.
 MODES = SOURCES
@@ -59,32 +64,40 @@ def dense_param_count(config: MoEConfig) -> int:
   return c.num_layers * per_layer + embeddings + c.d_model
 
 
-def dense_bytes(config: MoEConfig, bytes_per_param: int = 2) -> int:
+def _bytes(count: int, bytes_per_param: float) -> int:
+  """Bytes of `count` values at a width that may be fractional (int4)."""
+  return int(math.ceil(count * bytes_per_param))
+
+
+def dense_bytes(config: MoEConfig, bytes_per_param: float = 2) -> int:
   """Bytes of the dense (non-expert) parameters."""
-  return dense_param_count(config) * bytes_per_param
+  return _bytes(dense_param_count(config), bytes_per_param)
 
 
-def expert_bytes(config: MoEConfig, bytes_per_param: int = 2) -> int:
+def expert_bytes(config: MoEConfig, bytes_per_param: float = 2) -> int:
   """Bytes of one routed expert."""
-  return config.expert_bytes(bytes_per_param)
+  return _bytes(config.expert_params, bytes_per_param)
 
 
-def all_experts_bytes(config: MoEConfig, bytes_per_param: int = 2) -> int:
+def all_experts_bytes(config: MoEConfig, bytes_per_param: float = 2) -> int:
   """Bytes of all L x E routed experts."""
   return config.num_layers * config.num_experts * expert_bytes(
       config, bytes_per_param)
 
 
-def model_bytes(config: MoEConfig, bytes_per_param: int = 2) -> int:
+def model_bytes(config: MoEConfig, bytes_per_param: float = 2,
+                expert_bytes_per_param: float | None = None) -> int:
   """Bytes of every parameter of the model."""
+  experts = (bytes_per_param if expert_bytes_per_param is None else
+             expert_bytes_per_param)
   return dense_bytes(config, bytes_per_param) + all_experts_bytes(
-      config, bytes_per_param)
+      config, experts)
 
 
-def kv_bytes_per_token(config: MoEConfig, bytes_per_value: int = 2) -> int:
+def kv_bytes_per_token(config: MoEConfig, bytes_per_value: float = 2) -> int:
   """KV-cache bytes of one token: keys and values of every layer."""
-  return (2 * config.num_layers * config.num_kv_heads * config.head_dim
-          * bytes_per_value)
+  return _bytes(2 * config.num_layers * config.num_kv_heads * config.head_dim,
+                bytes_per_value)
 
 
 def active_param_count(config: MoEConfig) -> int:
@@ -135,8 +148,10 @@ def step_cost(config: MoEConfig,
               profile: str | Mapping[str, Any] | HardwareProfile, *,
               batch: int, context_len: int, mode: Mode = "paged",
               phase: Phase = "decode", misses: int | None = None,
-              needed_experts: int | None = None, bytes_per_param: int = 2,
-              kv_bytes_per_value: int | None = None, overlap: bool = False,
+              needed_experts: int | None = None,
+              resident_experts: int = 0, bytes_per_param: float = 2,
+              expert_bytes_per_param: float | None = None,
+              kv_bytes_per_value: float | None = None, overlap: bool = False,
               memory_budget_bytes: int | None = None) -> StepCost:
   """Predicted latency of one forward step.
 
@@ -146,12 +161,17 @@ def step_cost(config: MoEConfig,
     batch: rows in the step (B).
     context_len: tokens of KV each row reads (decode), or the prompt length
       of each row (prefill: batch x context_len tokens are processed).
-    mode: "resident", "static_offload", "transient" or "paged".
+    mode: "resident", "static_offload", "layer_offload", "transient" or
+      "paged".
     phase: "decode" or "prefill".
     misses: experts paged in this step, summed over layers (mode "paged").
     needed_experts: distinct experts computed this step, summed over layers
       (default L x min(E, tokens x K)).
-    bytes_per_param: weight width (bf16: 2).
+    resident_experts: experts kept on the device, summed over layers (mode
+      "static_offload"; the other L x E - resident_experts stream).
+    bytes_per_param: dense weight width (bf16: 2).
+    expert_bytes_per_param: expert weight width (bf16 2, int8 1, int4 0.5;
+      default: bytes_per_param).
     kv_bytes_per_value: KV width (default: bytes_per_param).
     overlap: overlap transfers with compute (optimistic bound).
     memory_budget_bytes: device memory for mode "resident" (default: the
@@ -186,26 +206,35 @@ def step_cost(config: MoEConfig,
   kv_width = bytes_per_param if kv_bytes_per_value is None else (
       kv_bytes_per_value)
   kv_read = batch * context_len * kv_bytes_per_token(config, kv_width)
-  one_expert = expert_bytes(config, bytes_per_param)
+  expert_width = (bytes_per_param if expert_bytes_per_param is None else
+                  expert_bytes_per_param)
+  one_expert = expert_bytes(config, expert_width)
 
   if mode == "resident":
     budget = hw.memory_bytes if memory_budget_bytes is None else (
         memory_budget_bytes)
-    needed_bytes = model_bytes(config, bytes_per_param) + kv_read
+    needed_bytes = model_bytes(config, bytes_per_param, expert_width) + kv_read
     if needed_bytes > budget:
       raise ValueError(
           f"{config.name} does not fit resident on {hw.name}: weights "
-          f"{model_bytes(config, bytes_per_param) / 2**30:.2f} GiB + KV "
+          f"{model_bytes(config, bytes_per_param, expert_width) / 2**30:.2f} "
+          f"GiB + KV "
           f"{kv_read / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB; use "
           "mode='paged', 'transient' or 'static_offload', or a bigger "
           "memory_budget_bytes.")
-  moved = {"resident": 0, "static_offload": num_layers * num_experts,
+  if not 0 <= resident_experts <= num_layers * num_experts:
+    raise ValueError(f"resident_experts={resident_experts} must lie in [0, "
+                     f"L x E = {num_layers * num_experts}].")
+  moved = {"resident": 0,
+           "static_offload": num_layers * num_experts - resident_experts,
+           "layer_offload": num_layers * num_experts,
            "transient": needed_experts, "paged": misses}[mode]
 
   active_dense = active_param_count(config) - (
       num_layers * config.top_k * config.expert_params)
   flops = 2.0 * active_param_count(config) * tokens
-  hbm_bytes = (active_dense * bytes_per_param + needed_experts * one_expert
+  hbm_bytes = (_bytes(active_dense, bytes_per_param)
+               + needed_experts * one_expert
                + kv_read)
   compute_s = flops / hw.bf16_flops
   hbm_s = hbm_bytes / hw.hbm_bytes_per_s

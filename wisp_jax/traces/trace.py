@@ -220,6 +220,28 @@ class RoutingTrace:
         phase=self.phase[keep], position=self.position[keep],
         ids=self.ids[keep], weights=self.weights[keep])
 
+  def with_inferred_phases(self) -> tuple["RoutingTrace", int]:
+    """Phases filled in where UNKNOWN (imported logs carry none).
+
+    A request with several tokens in one forward step is being prefilled
+    there (PREFILL); a request with one token in a step decodes (DECODE).
+    A one-token prompt's prefill therefore reads as a decode step, which is
+    what it costs.
+
+    Returns:
+      the trace and how many events got a phase.
+    """
+    unknown = self.phase == UNKNOWN
+    if not unknown.any():
+      return self, 0
+    # Tokens of each (step, request) pair, read back for every event.
+    _, group, count = np.unique(np.stack([self.step, self.request]), axis=1,
+                                return_inverse=True, return_counts=True)
+    several = count[group.reshape(-1)] > 1
+    phase = np.where(unknown, np.where(several, PREFILL, DECODE),
+                     self.phase).astype(self.phase.dtype)
+    return dataclasses.replace(self, phase=phase), int(unknown.sum())
+
   def save(self, path: str | os.PathLike) -> None:
     """Writes a compressed `.npz` (numpy adds the suffix if missing)."""
     np.savez_compressed(
