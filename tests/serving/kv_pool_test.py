@@ -104,3 +104,35 @@ def test_forward_matches_full_sequence(tiny_model):
     np.testing.assert_allclose(step_logits[i, 0], full[i, n], rtol=1e-5,
                                atol=1e-5)
   assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_stale_non_finite_blocks_do_not_leak(tiny_model):
+  """Positions no query sees (stale blocks, table padding) may hold NaN or
+  inf: the logits are those of a zeroed pool, bit for bit."""
+  model = tiny_model
+  source = ResidentSource(model.experts.weights())
+  tokens = jnp.asarray(np.random.default_rng(2).integers(
+      0, CONFIG.vocab_size, size=(2, 4)), jnp.int32)
+  # Row 0 holds blocks [3, 1] and row 1 [2]; the table pads with block 0.
+  table = blocks.block_table([[3, 1], [2]], 3)
+
+  @jax.jit
+  def forward(pool):
+    view = _view(pool, table, [0, 0], [4, 3], [True, True])
+    return model.decoder.forward(tokens, None, view, source).logits
+
+  clean = KVPool.create(CONFIG, 4, 4, jnp.float32)
+  stale = jnp.full_like(clean.k, jnp.nan).at[:, 0].set(jnp.inf)
+  logits = forward(KVPool(k=stale, v=stale))
+  assert np.all(np.isfinite(np.asarray(logits)))
+  assert np.array_equal(logits, forward(clean))
+
+
+def test_zero_blocks():
+  pool = KVPool.create(CONFIG, 4, 2, jnp.float32)
+  pool = KVPool(k=pool.k + 1, v=pool.v - 1)
+  out = kv_pool.zero_blocks(pool, jnp.asarray([2, 0, 4, 4], jnp.int32))
+  for got, fill in ((out.k, 1), (out.v, -1)):
+    got = np.asarray(got)
+    assert not np.any(got[:, [0, 2]])  # every layer; 4 (= NB) is padding
+    assert np.all(got[:, [1, 3]] == fill)

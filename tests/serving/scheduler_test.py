@@ -3,12 +3,13 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from wisp_jax.models.config import get_config
 from wisp_jax.serving.request import Request
-from wisp_jax.serving.scheduler import (Scheduler, bucket_for,
-                                        powers_of_two_upto)
+from wisp_jax.serving.scheduler import (QueueFullError, Scheduler,
+                                        bucket_for, powers_of_two_upto)
 
 CONFIG = get_config("tiny")  # max_seq_len 256
 
@@ -22,8 +23,9 @@ class Clock:
     return self.now
 
 
-def _scheduler(kv_blocks=4, block_size=4, max_batch=2):
-  return Scheduler(CONFIG, kv_blocks, block_size, max_batch, Clock())
+def _scheduler(kv_blocks=4, block_size=4, max_batch=2, max_queue=None):
+  return Scheduler(CONFIG, kv_blocks, block_size, max_batch, Clock(),
+                   max_queue)
 
 
 def test_imports_no_jax():
@@ -118,3 +120,105 @@ def test_drain_and_replace_pool():
   s.replace_pool(8)
   assert s.allocator.num_blocks == 8 and s.kv_blocks_peak == 2
   assert s.largest_queued_need() == 2  # 2 + 4 - 1 positions of 4
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("seed", -1, "seed must be an integer in [0, 2**32)"),
+    ("seed", 2**32, "seed must be an integer in [0, 2**32)"),
+    ("seed", 1.0, "seed must be an integer"),
+    ("seed", True, "seed must be an integer"),
+    ("max_new_tokens", 2.0, "max_new_tokens must be an integer >= 1"),
+    ("max_new_tokens", True, "max_new_tokens must be an integer >= 1"),
+    ("max_new_tokens", 0, "max_new_tokens must be an integer >= 1"),
+    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("temperature", float("inf"), "temperature must be a finite number"),
+    ("temperature", -0.5, "temperature must be a finite number >= 0"),
+    ("temperature", "hot", "temperature must be a finite number"),
+    ("stop_token", 61, "stop_token must be None or an integer token id"),
+    ("stop_token", 3.0, "stop_token must be None or an integer token id"),
+    ("deadline_s", 0, "deadline_s must be None or a number of seconds > 0"),
+    ("deadline_s", float("nan"), "deadline_s must be None or a number"),
+    ("arrival_step", -2, "arrival_step must be an integer >= 0"),
+])
+def test_every_field_is_validated_up_front(field, value, why):
+  s = _scheduler()
+  request = Request([1, 2], 2, request_id="r")
+  setattr(request, field, value)
+  result = s.submit(request)
+  assert result.finish_reason == "error" and why in result.error
+  assert repr(value) in result.error
+  assert not s.waiting and s.allocator.num_in_use == 0
+
+
+def test_numpy_integers_are_accepted():
+  s = _scheduler()
+  result = s.submit(Request([1, 2], np.int64(2), seed=np.uint32(2**32 - 1),
+                            stop_token=np.int32(5), request_id="r"))
+  assert result.error is None and len(s.waiting) == 1
+
+
+def test_unhashable_id_fails_without_being_recorded():
+  s = _scheduler()
+  result = s.submit(Request([1, 2], 2, request_id=["a"]))
+  assert result.finish_reason == "error"
+  assert "request_id must be hashable" in result.error
+  assert s.results == {} and not s.waiting
+
+
+def test_a_failed_prefill_frees_its_blocks_and_requeues_once():
+  s = _scheduler(kv_blocks=4, block_size=4)
+  s.submit(Request([1] * 5, 3, request_id="a"))
+  s.submit(Request([1], 3, request_id="b"))
+  seq = s.admit_next()
+  assert seq.blocks == [0, 1]
+  assert s.prefill_failed(seq, "RuntimeError: boom")
+  assert s.allocator.num_in_use == 0 and seq.blocks == []
+  assert [x.request.request_id for x in s.waiting] == ["a", "b"]
+  seq = s.admit_next()
+  assert not s.prefill_failed(seq, "RuntimeError: boom")
+  assert seq.result.finish_reason == "error"
+  assert "prefill raised 2 times; last: RuntimeError: boom" in \
+      seq.result.error
+  assert s.allocator.num_in_use == 0
+  assert [x.request.request_id for x in s.waiting] == ["b"]
+
+
+def test_unblock_reclaims_blocks_no_request_holds():
+  s = _scheduler(kv_blocks=4, block_size=4, max_batch=2)
+  s.submit(Request([1] * 9, 3, request_id="a"))  # 3 blocks
+  s.allocator.alloc(2)  # leaked: held by no request
+  assert s.admit_next() is None
+  s.unblock()
+  assert s.blocks_reclaimed == 2 and s.allocator.num_in_use == 0
+  assert s.results["a"].error is None  # not failed for the leak
+  assert s.admit_next().blocks == [0, 1, 2]
+
+
+def test_cancel_expire_and_pop_finished():
+  s = _scheduler(kv_blocks=8, block_size=4, max_batch=1)
+  s.submit(Request([1, 2], 4, request_id="run"))
+  s.submit(Request([1, 2], 4, request_id="wait"))
+  s.submit(Request([1, 2], 4, request_id="late", deadline_s=2.5))
+  s.prefilled(s.admit_next(), 7)
+  assert s.cancel("run") and not s.cancel("run")
+  with pytest.raises(KeyError, match="no request 'other'"):
+    s.cancel("other")
+  assert s.results["run"].finish_reason == "cancelled"
+  assert s.results["run"].tokens == [7]
+  assert s.allocator.num_in_use == 0
+  # The clock ticks once per call: "late" arrived at 3 and now it is > 5.5.
+  assert [x.request.request_id for x in s.expire()] == ["late"]
+  assert s.results["late"].finish_reason == "deadline"
+  done = s.pop_finished()
+  assert [r.request_id for r in done] == ["run", "late"]
+  assert list(s.results) == ["wait"]
+
+
+def test_a_full_queue_refuses_submissions():
+  s = _scheduler(max_queue=1)
+  s.submit(Request([1], 2, request_id="a"))
+  with pytest.raises(QueueFullError, match="max_queue=1"):
+    s.submit(Request([1], 2, request_id="b"))
+  assert list(s.results) == ["a"]
+  s.prefilled(s.admit_next(), 0)
+  assert s.submit(Request([1], 2, request_id="b")).error is None

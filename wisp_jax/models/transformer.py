@@ -69,6 +69,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Returns:
     `[B, T, H, Dh]`.
+
+  Keys and values no query may see (stale or padding positions of a paged
+  pool, which may hold anything, NaN included) cannot leak into the output:
+  their scores are -inf and their values are zeroed before the product,
+  since 0 * NaN is NaN. For finite values this changes no bit (their
+  weights are exactly 0 either way).
   """
   b, t, h, dh = q.shape
   hkv = k.shape[2]
@@ -78,6 +84,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   scores = scores / np.sqrt(dh).astype(np.float32)
   scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  # [B, S] keys some query of the row sees.
+  seen = jnp.any(mask, axis=1)
+  v = jnp.where(seen[:, :, None, None], v, jnp.zeros((), v.dtype))
   out = jnp.einsum("bngts,bsnd->btngd", probs, v)
   return out.reshape(b, t, h, dh)
 

@@ -1,28 +1,36 @@
-"""Decode benchmark: tokens/s, step time, hit rate and traffic per source.
+"""Decode benchmark: step time, tokens/s, hit rate and traffic per source.
 
-Step time is measured as the difference between two `generate` calls that
-differ only in `max_new_tokens` (after both are compiled), divided by the
-number of extra decode steps, so prefill and compilation drop out. Each
-figure is the median of `repeats` such pairs, all taken in one run.
+A source's step time is the difference between two `generate` calls that
+differ only in `max_new_tokens` (both compiled first), divided by the extra
+decode steps, so prefill and compilation drop out. The sources are
+interleaved inside each repeat (`runs.timing.interleaved`): every ratio to
+resident is taken within a repeat, and reported as its median with its
+min-max spread. Each measurement is a line of `metrics.jsonl` as it
+happens; a ratio whose repeats disagree by more than `max_spread` is
+reported as no figure.
+
+On CPU the host-to-device copies compile to nothing (one RAM): paged vs
+resident here is the pager's bookkeeping and its grouped expert product,
+not PCIe.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
 import time
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from wisp_jax.runs import common
 from wisp_jax import data
 from wisp_jax.models.config import get_config
 from wisp_jax.models.default import load_default
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.paging import bank as bank_lib
+from wisp_jax.runs import common
+from wisp_jax.runs import timing
 from wisp_jax.serving.generate import generate
 
 
@@ -39,75 +47,107 @@ def _prompts(config, vocab_size: int) -> list[np.ndarray]:
   return [data.encode(t)[:config.prompt_bytes] % vocab_size for t in texts]
 
 
-def measure(model: MoEModel, prompts, run: dict, short: int, long: int,
-            repeats: int, bank) -> dict:
-  """Times one source configuration; returns its figures."""
-  kwargs = dict(run)
-  name = kwargs.pop("name")
+def _kwargs(model: MoEModel, run: dict, bank) -> dict[str, Any]:
+  kwargs = {k: v for k, v in run.items() if k != "name"}
   if kwargs.get("hot_set") == "all":
-    # Prewarmed with every expert: the pager at a 100% hit rate.
+    # Every expert resident from the start: the pager at a 100% hit rate.
     c = model.config
     kwargs["hot_set"] = np.tile(np.arange(c.num_experts, dtype=np.int32),
                                 (c.num_layers, 1))
   if kwargs.get("experts") != "resident":
     kwargs["bank"] = bank
+  return kwargs
+
+
+def step_timer(model: MoEModel, prompts, kwargs: dict, short: int,
+               long: int):
+  """A function that measures one step time (s) of a source, compiled."""
   call = lambda n: generate(model, prompts, n, **kwargs)
-  call(short), call(long)  # Compile both cache lengths.
-  step_times = []
-  for _ in range(repeats):
+  call(short), call(long)  # compile both cache lengths
+
+  def measure() -> float:
     t0 = time.perf_counter()
     call(short)
     t1 = time.perf_counter()
-    out = call(long)
+    call(long)
     t2 = time.perf_counter()
-    step_times.append(((t2 - t1) - (t1 - t0)) / (long - short))
-  step = statistics.median(step_times)
-  stats = out.stats
-  decode_passes = slice(1, None)  # Pass 0 is the prefill.
-  decode_loads = int(stats.per_pass_loads[decode_passes].sum())
-  decode_hits = int(stats.per_pass_hits[decode_passes].sum())
-  decode_misses = int(stats.per_pass_misses[decode_passes].sum())
-  decode_tokens = (long - 1) * len(prompts)
-  return {
-      "name": name, "experts": run.get("experts"),
-      "slots_per_layer": run.get("slots_per_layer"),
-      "policy": run.get("policy"),
-      "step_ms_median": 1e3 * step,
-      "step_ms_all": [1e3 * s for s in step_times],
-      "tokens_per_s": len(prompts) / step,
-      "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1),
-      "bytes_per_token": decode_loads * stats.bytes_per_expert / decode_tokens,
-  }
+    return ((t2 - t1) - (t1 - t0)) / (long - short)
+
+  return measure
+
+
+def _traffic(model, prompts, kwargs, long: int) -> dict[str, float]:
+  stats = generate(model, prompts, long, **kwargs).stats
+  decode = slice(1, None)  # pass 0 is the prefill
+  hits = int(stats.per_pass_hits[decode].sum())
+  misses = int(stats.per_pass_misses[decode].sum())
+  loads = int(stats.per_pass_loads[decode].sum())
+  return {"decode_hit_rate": hits / max(hits + misses, 1),
+          "bytes_per_token": loads * stats.bytes_per_expert / (
+              (long - 1) * len(prompts))}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every configured source and writes `workdir/summary.json`."""
+  """Runs every configured source interleaved; writes summary.json."""
   workdir = common.start(workdir, config)
   model = _model(config)
   prompts = _prompts(config, model.config.vocab_size)
   bank = bank_lib.make_bank(model.experts.weights())
-  results = []
-  with open(common.metrics_path(workdir), "w") as metrics:
-    for source in config.sources:
-      row = measure(model, prompts, dict(source), config.short_tokens,
-                    config.long_tokens, config.repeats, bank)
-      results.append(row)
-      metrics.write(json.dumps(row) + "\n")
-      logging.info("%-16s %8.2f ms/step %9.1f tok/s  hit %.3f  %10.0f B/token",
-                   row["name"], row["step_ms_median"], row["tokens_per_s"],
-                   row["decode_hit_rate"], row["bytes_per_token"])
-  resident = next(r for r in results if r["experts"] == "resident")
-  for row in results:
-    row["step_vs_resident"] = row["step_ms_median"] / resident["step_ms_median"]
+  sources = [dict(s) for s in config.sources]
+  names = [s["name"] for s in sources]
+  if len(set(names)) != len(names) or "resident" not in names:
+    raise ValueError(f"sources need distinct names and one named "
+                     f"'resident' (the baseline), got {names}.")
+  logging.info("compiling %d sources x 2 cache lengths ...", len(sources))
+  started = time.perf_counter()
+  timers, traffic = {}, {}
+  for source in sources:
+    kwargs = _kwargs(model, source, bank)
+    timers[source["name"]] = step_timer(model, prompts, kwargs,
+                                        config.short_tokens,
+                                        config.long_tokens)
+    traffic[source["name"]] = _traffic(model, prompts, kwargs,
+                                       config.long_tokens)
+  logging.info("compiled in %.0f s; timing %d repeats", time.perf_counter()
+               - started, config.repeats)
+  metrics = common.metrics(workdir)
+  result = timing.interleaved(
+      timers, config.repeats, "resident",
+      max_spread=config.get("max_spread", 2.0),
+      on_measure=lambda m: metrics.write({"kind": "step_s", **m}))
+  metrics.close()
+  rows = []
+  for source in sources:
+    name = source["name"]
+    step = result.times[name]
+    rows.append({
+        "name": name, "experts": source.get("experts"),
+        "slots_per_layer": source.get("slots_per_layer"),
+        "policy": source.get("policy"),
+        "step_ms": {k: 1e3 * v for k, v in step.to_json().items()
+                    if k != "values"},
+        "step_ms_all": [1e3 * v for v in step.values],
+        "tokens_per_s": (len(prompts) / step.median if step.median > 0
+                         else None),
+        "vs_resident": result.ratios[name].to_json(),
+        "vs_resident_text": result.describe(name),
+        "reliable": result.ok(name), **traffic[name]})
   summary = {"model": model.config.name, "dtype": config.dtype,
-             "batch": len(prompts), "results": results}
+             "batch": len(prompts), "repeats": config.repeats,
+             "results": rows, "table": table(rows)}
   common.finish(workdir, summary)
-  header = (f"{'source':<16}{'S':>4}{'ms/step':>10}{'tok/s':>10}"
-            f"{'x resident':>12}{'hit rate':>10}{'bytes/token':>14}")
-  lines = [header] + [
-      f"{r['name']:<16}{r['slots_per_layer'] or '-':>4}"
-      f"{r['step_ms_median']:>10.3f}{r['tokens_per_s']:>10.1f}"
-      f"{r['step_vs_resident']:>12.3f}{r['decode_hit_rate']:>10.3f}"
-      f"{r['bytes_per_token']:>14.0f}" for r in results]
-  print("\n".join(lines))
+  print(summary["table"])
   return summary
+
+
+def table(rows: list[dict]) -> str:
+  header = (f"{'source':<18}{'ms/step':>10}{'tok/s':>10}  "
+            f"{'x resident (median [min, max])':<34}{'hit':>7}"
+            f"{'bytes/token':>14}")
+  lines = [header]
+  for r in rows:
+    tps = f"{r['tokens_per_s']:>10.1f}" if r["tokens_per_s"] else f"{'-':>10}"
+    lines.append(f"{r['name']:<18}{r['step_ms']['median']:>10.3f}{tps}  "
+                 f"{r['vs_resident_text']:<34}{r['decode_hit_rate']:>7.3f}"
+                 f"{r['bytes_per_token']:>14.0f}")
+  return "\n".join(lines)

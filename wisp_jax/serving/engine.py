@@ -15,15 +15,51 @@ differ from the incremental ones only by float rounding). One expert source
 (pager state and slots) serves every step of the engine.
 
 Results per request: tokens, TTFT, decode tokens/s, latency, error. A
-request that cannot be served (too long, bad token ids) fails alone: the
-error is recorded on it and the others run. Each step returns (and writes
-to `metrics.jsonl`) a `StepMetrics`.
+request that cannot be served (too long, bad token ids, any field out of
+range: see `serving.request.validate_request`) fails alone: the error is
+recorded on it and the others run. Each step returns (and writes to
+`metrics.jsonl`) a `StepMetrics`.
 
-`resize(split)` re-divides device memory between expert slots and KV blocks
-at a drained barrier (`drain()` preempts by recompute as above; the online
-controller in `serving.controller` drives both). The slot buffer holds
-`num_slots` rows per layer, so capacities change without recompiling; the
-KV pool is rebuilt at its new size (steps compile once per pool size).
+No request is lost, and no request corrupts another:
+
+- Every submitted request ends with a result; its `finish_reason` is
+  "length", "stop", "error", "cancelled" or "deadline", and whatever ends
+  it frees its KV blocks.
+- Finiteness: the step returns a per-row flag; a request whose logits are
+  not finite (a NaN expert weight, an overflow) fails alone with
+  finish_reason "error", and its blocks are zeroed before they are freed.
+  Attention zeroes the values of positions no query sees, so stale blocks
+  cannot leak into another request either way.
+- Step faults: a prefill that raises frees the request's blocks and
+  requeues it once; a second failed prefill fails it alone, with the
+  exception in its error. A decode that raises is retried at the next
+  step. If a fault came after the jitted call donated the KV pool and the
+  expert carry, both are rebuilt (`Executor.recover`: a zeroed pool, and a
+  fresh carry built as at construction, so paged residency restarts cold)
+  and every running request is preempted by recompute (it keeps its tokens
+  and re-prefills). Two decode faults in a row (no decode succeeding in
+  between) fail the engine loudly: every in-flight request fails with the
+  reason in its result and `step` raises `EngineFailedError` once; the
+  engine, emptied and rebuilt, accepts new requests.
+
+Serving API beyond `submit`/`step`/`run`:
+
+- `cancel(request_id)`: a running or waiting request stops, frees its
+  blocks and finishes with finish_reason "cancelled" and its tokens so far.
+- Deadlines: `Request.deadline_s` counts from the request's arrival on the
+  engine's clock; at the start of each step an expired request finishes
+  with finish_reason "deadline" and its tokens so far.
+- Backpressure: with `max_queue`, `submit` raises `QueueFullError` while
+  that many requests wait (preempted ones return regardless); `run` holds
+  its arrivals back until there is room.
+- `pop_finished()` returns the finished results and forgets them, so
+  `results` stays bounded on a long-lived engine (a popped id may be
+  submitted again).
+- `run` is resumable: called again after it raised, it does not submit
+  again the requests already submitted (the same objects, or the same
+  `request_id`), waits for them, and returns every result in order. It
+  never spins: a step that can make no progress (admission paused with
+  nothing running) raises a clear error instead.
 """
 
 from __future__ import annotations
@@ -41,10 +77,23 @@ from wisp_jax.paging.sources import SOURCES
 from wisp_jax.serving import scheduler as scheduler_lib
 from wisp_jax.serving.budget import DeviceBudget
 from wisp_jax.serving.executor import Executor
-from wisp_jax.serving.request import Request
+from wisp_jax.serving.request import Request, arrival_of, id_error
+from wisp_jax.serving.scheduler import QueueFullError
 from wisp_jax.serving.stats import MetricsWriter, RequestResult, StepMetrics
 
-__all__ = ["Engine", "Request"]
+__all__ = ["Engine", "EngineFailedError", "QueueFullError", "Request"]
+
+# Decode faults in a row (no decode succeeding in between) that fail the
+# engine.
+FAULTS_TO_FAIL = 2
+
+
+class EngineFailedError(RuntimeError):
+  """Steps kept raising: every in-flight request failed (see `Engine`)."""
+
+
+def _describe(error: BaseException) -> str:
+  return f"{type(error).__name__}: {error}"
 
 
 class Engine:
@@ -57,7 +106,8 @@ class Engine:
                policy_options: dict | None = None, hot_set=None,
                min_prefill_bucket: int = 16, num_slots: int | None = None,
                workdir: str | None = None,
-               clock: Callable[[], float] = time.perf_counter):
+               clock: Callable[[], float] = time.perf_counter,
+               max_queue: int | None = None):
     """Builds the pools and the expert source.
 
     Args:
@@ -79,13 +129,14 @@ class Engine:
         the largest capacity): the most slots a later `resize` may give a
         layer.
       workdir: where `metrics.jsonl` goes (one line per step), or None.
-      clock: time source in seconds.
+      clock: time source in seconds (arrivals, deadlines, latencies).
+      max_queue: most waiting requests `submit` accepts (None: unbounded).
     """
     config = model.config
     self.model, self.config = model, config
     self.experts = experts
     self.scheduler = scheduler_lib.Scheduler(config, kv_blocks, block_size,
-                                             max_batch, clock)
+                                             max_batch, clock, max_queue)
     if experts not in SOURCES:
       raise ValueError(f"unknown expert source {experts!r}; known sources: "
                        f"{', '.join(SOURCES)}.")
@@ -115,6 +166,13 @@ class Engine:
     self.clock = clock
     self.metrics = MetricsWriter(workdir)
     self._start_time = clock()
+    self.num_faults = 0  # step faults recovered, all steps
+    self._decode_faults = 0  # decode faults since the last good decode
+    self._step_faults = 0  # faults of the step in progress
+    self._failure: EngineFailedError | None = None
+    # The requests `run` submitted, by object id, while a run is unfinished
+    # (so a resumed run does not submit them again).
+    self._run_submitted: dict[int, tuple[Request, RequestResult]] = {}
 
   # -- the scheduler's state, read through ---------------------------------
 
@@ -177,8 +235,29 @@ class Engine:
     """Queues `request` (it arrives now); returns its live result.
 
     An invalid request is not queued: its result carries the error.
+
+    Raises:
+      ValueError: a request with this id was submitted before.
+      QueueFullError: `max_queue` requests are waiting.
     """
     return self.scheduler.submit(request)
+
+  def cancel(self, request_id) -> bool:
+    """Stops a running or waiting request: its blocks are freed and it
+    finishes with finish_reason "cancelled" and its tokens so far.
+
+    Returns:
+      True if it was live, False if it had already finished.
+
+    Raises:
+      KeyError: no request with this id was submitted (or it was popped).
+    """
+    return self.scheduler.cancel(request_id)
+
+  def pop_finished(self) -> list[RequestResult]:
+    """The finished results (in submission order), forgotten by the engine
+    (`results` keeps only the live ones)."""
+    return self.scheduler.pop_finished()
 
   def live_requests(self) -> list[Request]:
     """The running requests (in admission order), then the waiting ones."""
@@ -187,43 +266,103 @@ class Engine:
 
   # -- the step ----------------------------------------------------------------
 
+  def _fault(self, error: BaseException, kind: str,
+             seq: scheduler_lib.LiveRequest | None = None) -> None:
+    """Recovers from a step that raised (see the module docstring).
+
+    `seq` is the request a prefill was for. An interrupt (not an
+    `Exception`) is recovered from the same way but charged to no request,
+    and the caller re-raises it.
+    """
+    s = self.scheduler
+    charged = isinstance(error, Exception)
+    if seq is not None:  # first, so the request is never lost
+      s.prefill_failed(seq, _describe(error) if charged else None)
+    pool_lost, _ = self.executor.recover()
+    if pool_lost:  # every running request's keys and values are gone
+      s.drain()
+    if not charged:
+      return
+    self.num_faults += 1
+    self._step_faults += 1
+    if kind != "decode":
+      return
+    self._decode_faults += 1
+    if self._decode_faults >= FAULTS_TO_FAIL:
+      self._decode_faults = 0
+      message = (f"the engine failed: {FAULTS_TO_FAIL} decode steps in a row "
+                 f"raised (last: {_describe(error)}); every in-flight "
+                 "request failed with this error; the device state was "
+                 "rebuilt and the engine accepts new requests.")
+      failed = s.fail_all(message)
+      ids = [seq.request.request_id for seq in failed]
+      self._failure = EngineFailedError(
+          f"{message} Failed requests ({len(ids)}): {ids}.")
+      self._failure.__cause__ = error
+
   def _admit(self) -> tuple[int, int]:
     """Admits and prefills waiting requests; returns (prefills, tokens)."""
+    s = self.scheduler
     prefills = tokens = 0
-    while (seq := self.scheduler.admit_next()) is not None:
+    while (seq := s.admit_next()) is not None:
       context = seq.context
       t = scheduler_lib.bucket_for(context.size, self.prefill_buckets)
-      token = self.executor.run([seq.row(context, 0)], 1, t, "prefill")
-      self.scheduler.prefilled(seq, token[0])
+      try:
+        token, finite = self.executor.run([seq.row(context, 0)], 1, t,
+                                          "prefill")
+      except BaseException as e:  # an interrupt is re-raised below
+        self._fault(e, "prefill", seq)
+        if not isinstance(e, Exception):
+          raise
+        continue
+      self.executor.scrub(s.prefilled(seq, token[0], finite[0]))
       prefills, tokens = prefills + 1, tokens + int(context.size)
     return prefills, tokens
 
   def _decode(self) -> tuple[int, int]:
     """One decode step over the running requests; returns its batch size
-    and the key positions its rows read."""
+    and the key positions its rows read (0, 0 if it raised)."""
     batch = self.scheduler.decode_batch()
     if not batch:
       return 0, 0
     bucket = scheduler_lib.bucket_for(len(batch), self.batch_buckets)
     rows = [seq.row([seq.generated[-1]], seq.kv_len) for seq in batch]
-    tokens = self.executor.run(rows, bucket, 1, "decode")
-    self.scheduler.decoded(batch, tokens)
-    return len(batch), sum(seq.kv_len for seq in batch)
+    try:
+      tokens, finite = self.executor.run(rows, bucket, 1, "decode")
+    except BaseException as e:  # an interrupt is re-raised below
+      self._fault(e, "decode")
+      if not isinstance(e, Exception):
+        raise
+      return 0, 0
+    self._decode_faults = 0
+    context = sum(seq.kv_len + 1 for seq in batch)
+    self.executor.scrub(self.scheduler.decoded(batch, tokens, finite))
+    return len(batch), context
 
   def step(self) -> StepMetrics:
-    """Admits, prefills and decodes once; returns the step's metrics."""
+    """Expires, admits, prefills and decodes once; returns the step's
+    metrics.
+
+    Raises:
+      EngineFailedError: decode steps kept raising (see the module
+        docstring); raised once, after the step's metrics are written.
+    """
     s = self.scheduler
     started = self.clock()
     before = self.executor.counters.copy()
     preempted_before = s.num_preemptions
+    self._step_faults = 0
+    expired = len(s.expire())
     # The allocator's peak over this step alone, then its running peak.
     peak_before = s.allocator.peak_in_use
     s.allocator.peak_in_use = s.allocator.num_in_use
-    prefills, prefill_tokens = self._admit()
-    s.unblock()
-    batch, context = self._decode()
-    step_peak = s.allocator.peak_in_use
-    s.allocator.peak_in_use = max(peak_before, step_peak)
+    try:
+      prefills, prefill_tokens = self._admit()
+      s.unblock()
+      batch, context = self._decode()
+    finally:  # an interrupt keeps the running peak too
+      step_peak = s.allocator.peak_in_use
+      s.allocator.peak_in_use = max(peak_before, step_peak)
     traffic = (self.executor.counters - before).sum(axis=1)
     record = StepMetrics(
         step=s.step_count, time_s=self.clock() - self._start_time,
@@ -240,25 +379,57 @@ class Engine:
         preemptions_total=s.num_preemptions,
         pager_hits=int(traffic[0]), pager_misses=int(traffic[1]),
         pager_loads=int(traffic[2]),
-        pager_bytes=int(traffic[2]) * self.bytes_per_expert)
+        pager_bytes=int(traffic[2]) * self.bytes_per_expert,
+        faults=self._step_faults, expired=expired)
     self.metrics.write(record)
     s.step_count += 1
+    if self._failure is not None:
+      failure, self._failure = self._failure, None
+      raise failure
     return record
+
+  def _submitted(self, request: Request) -> RequestResult | None:
+    """The result of `request` if it was submitted already (by this
+    unfinished run, or by id), else None."""
+    entry = self._run_submitted.get(id(request))
+    if entry is not None and entry[0] is request:
+      return entry[1]
+    if request.request_id is not None and id_error(request) is None:
+      return self.results.get(request.request_id)
+    return None
 
   def run(self, requests: Sequence[Request],
           on_step: Callable[[StepMetrics], None] | None = None
           ) -> list[RequestResult]:
     """Serves `requests` (each arriving at its `arrival_step` from now)
-    until all finish; returns their results in order."""
+    until all finish; returns their results in order.
+
+    Resumable: requests already submitted (by an earlier call that raised,
+    or with an id the engine already holds) are not submitted again; their
+    results are waited for and returned. With `max_queue`, arrivals wait
+    outside the engine until the queue has room.
+
+    Raises:
+      RuntimeError: no step can make progress (admission paused with
+        nothing running, and `on_step` did not resume it).
+      EngineFailedError: from `step`.
+    """
     first = self.step_count
     order = sorted(range(len(requests)),
-                   key=lambda i: requests[i].arrival_step)
+                   key=lambda i: arrival_of(requests[i]))
     results: list[RequestResult | None] = [None] * len(requests)
     cursor = 0
     while cursor < len(order) or self.has_work:
-      while (cursor < len(order) and
-             requests[order[cursor]].arrival_step <= self.step_count - first):
-        results[order[cursor]] = self.submit(requests[order[cursor]])
+      while (cursor < len(order) and arrival_of(requests[order[cursor]])
+             <= self.step_count - first):
+        request = requests[order[cursor]]
+        result = self._submitted(request)
+        if result is None:
+          if self.scheduler.queue_full:
+            break  # backpressure: it arrives once there is room
+          result = self.submit(request)
+          self._run_submitted[id(request)] = (request, result)
+        results[order[cursor]] = result
         cursor += 1
       if not self.has_work:  # idle until the next arrival
         self.scheduler.step_count += 1
@@ -266,6 +437,15 @@ class Engine:
       record = self.step()
       if on_step is not None:
         on_step(record)
+      s = self.scheduler
+      if (not record.prefills and not record.batch_size and
+          s.admission_paused and s.waiting and not s.running):
+        raise RuntimeError(
+            f"run() cannot make progress: admission is paused with "
+            f"{len(s.waiting)} requests waiting and none running; set "
+            "engine.admission_paused = False (on_step may), then call run() "
+            "again to resume.")
+    self._run_submitted = {}
     return results
 
   # -- resizing (at drained barriers, see serving.controller) -----------------
@@ -348,6 +528,8 @@ class Engine:
   def summary(self) -> dict[str, Any]:
     """Engine-level totals: steps, preemptions, KV peak, pager traffic."""
     return {"steps": self.step_count, "preemptions": self.num_preemptions,
+            "faults": self.num_faults,
+            "kv_blocks_reclaimed": self.scheduler.blocks_reclaimed,
             "kv_blocks": self.allocator.num_blocks,
             "kv_blocks_peak": self.kv_blocks_peak,
             "block_size": self.block_size, "max_batch": self.max_batch,

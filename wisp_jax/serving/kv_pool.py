@@ -68,6 +68,16 @@ class KVPool:
     return self.k.nbytes + self.v.nbytes
 
 
+def zero_blocks(pool: KVPool, block_ids: jax.Array) -> KVPool:
+  """`pool` with blocks `block_ids` `[N]` int32 zeroed in every layer.
+
+  Ids >= NB are ignored (the padding of a fixed-size id list).
+  """
+  def zero(x):
+    return x.at[:, block_ids].set(jnp.zeros((), x.dtype), mode="drop")
+  return KVPool(k=zero(pool.k), v=zero(pool.v))
+
+
 @struct.dataclass
 class PagedKV:
   """The pool seen by one batch of rows of different lengths.

@@ -12,6 +12,14 @@ recently admitted request: its blocks are freed and it goes back to the
 head of the queue, keeping its tokens; when readmitted it re-prefills
 prompt + tokens so far (preemption by recompute). Finished requests free
 their blocks at once.
+
+Nothing submitted is ever lost: every request ends with a result whose
+`finish_reason` says how ("length", "stop", "error", "cancelled",
+"deadline"), and whatever ends it frees its blocks. A prefill that raises
+frees the request's blocks and requeues it once (`prefill_failed`); a row
+whose logits are not finite fails alone and its blocks are handed back to
+be scrubbed. The queue may be bounded (`max_queue`: `submit` raises
+`QueueFullError`); preempted requests return to it regardless.
 """
 
 from __future__ import annotations
@@ -24,8 +32,16 @@ import numpy as np
 
 from wisp_jax.models.config import MoEConfig
 from wisp_jax.serving.blocks import BlockAllocator, blocks_for
-from wisp_jax.serving.request import Request, prompt_array, validate_request
+from wisp_jax.serving.request import (Request, id_error, prompt_array,
+                                      validate_request)
 from wisp_jax.serving.stats import RequestResult
+
+# Prefill attempts of one request before a fault fails it alone.
+PREFILL_ATTEMPTS = 2
+
+
+class QueueFullError(RuntimeError):
+  """`submit` refused a request: the waiting queue is at `max_queue`."""
 
 
 def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:
@@ -77,6 +93,7 @@ class LiveRequest:
   generated: list[int] = dataclasses.field(default_factory=list)
   blocks: list[int] = dataclasses.field(default_factory=list)
   kv_len: int = 0  # positions of this request in the pool
+  faults: int = 0  # prefills of this request that raised
 
   @property
   def context(self) -> np.ndarray:
@@ -97,11 +114,16 @@ class Scheduler:
   """Requests, KV blocks and preemption of one engine (host only)."""
 
   def __init__(self, config: MoEConfig, kv_blocks: int, block_size: int,
-               max_batch: int, clock: Callable[[], float]):
+               max_batch: int, clock: Callable[[], float],
+               max_queue: int | None = None):
     for name, value in (("kv_blocks", kv_blocks), ("block_size", block_size),
                         ("max_batch", max_batch)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}.")
+    if max_queue is not None and max_queue < 1:
+      raise ValueError(f"max_queue must be None (unbounded) or >= 1, got "
+                       f"{max_queue}.")
+    self.max_queue = max_queue
     self.config = config
     self.block_size, self.max_batch = int(block_size), int(max_batch)
     self.allocator = BlockAllocator(kv_blocks)
@@ -111,6 +133,7 @@ class Scheduler:
     # While True, waiting requests are not admitted (a draining barrier).
     self.admission_paused = False
     self.kv_peak_replaced = 0  # peak blocks in use of replaced pools
+    self.blocks_reclaimed = 0  # blocks held by no request, taken back
     self.results: dict[Any, RequestResult] = {}
     self.waiting: collections.deque[LiveRequest] = collections.deque()
     self.running: list[LiveRequest] = []  # in admission order
@@ -121,13 +144,31 @@ class Scheduler:
   def submit(self, request: Request) -> RequestResult:
     """Queues `request` (it arrives now); returns its live result.
 
-    An invalid request is not queued: its result carries the error.
+    An invalid request is not queued: its result carries the error (one
+    with an unhashable id is not recorded in `results` either).
+
+    Raises:
+      ValueError: a request with this id was submitted before.
+      QueueFullError: `max_queue` requests are waiting (nothing recorded;
+        submit it again once some are admitted).
     """
+    error = id_error(request)
+    if error is not None:
+      result = RequestResult(request_id=request.request_id, prompt_length=0,
+                             arrival_time=self.clock(),
+                             arrival_step=self.step_count)
+      self.fail(result, error)
+      return result
     if request.request_id is None:
       request = dataclasses.replace(request, request_id=self._next_id)
     self._next_id += 1
     if request.request_id in self.results:
       raise ValueError(f"duplicate request_id {request.request_id!r}.")
+    if self.queue_full:
+      raise QueueFullError(
+          f"the queue is full: {len(self.waiting)} requests wait "
+          f"(max_queue={self.max_queue}); submit request "
+          f"{request.request_id!r} again after some are admitted.")
     prompt, error = prompt_array(request.prompt)
     result = RequestResult(request_id=request.request_id,
                            prompt_length=int(prompt.size),
@@ -143,9 +184,81 @@ class Scheduler:
     self.waiting.append(LiveRequest(request, result, prompt.astype(np.int32)))
     return result
 
+  @property
+  def queue_full(self) -> bool:
+    return self.max_queue is not None and len(self.waiting) >= self.max_queue
+
   def fail(self, result: RequestResult, error: str) -> None:
+    """Marks a request that holds no blocks (not queued) as failed."""
     result.error, result.finish_reason = error, "error"
+    result.tokens = []
     result.finish_time, result.finish_step = self.clock(), self.step_count
+
+  def finish(self, seq: LiveRequest, reason: str,
+             error: str | None = None) -> list[int]:
+    """Ends a live request (running or waiting) for `reason`; frees and
+    returns its blocks. A failed request reports no tokens; any other keeps
+    its tokens so far."""
+    if seq in self.running:
+      self.running.remove(seq)
+    elif seq in self.waiting:
+      self.waiting.remove(seq)
+    freed, seq.blocks = seq.blocks, []
+    self.allocator.free(freed)
+    result = seq.result
+    result.tokens = [] if error is not None else list(seq.generated)
+    result.error, result.finish_reason = error, reason
+    result.finish_time, result.finish_step = self.clock(), self.step_count
+    return freed
+
+  def live(self, request_id) -> LiveRequest | None:
+    """The running or waiting request with this id, or None."""
+    for seq in self.running + list(self.waiting):
+      if seq.request.request_id == request_id:
+        return seq
+    return None
+
+  def cancel(self, request_id) -> bool:
+    """Stops a running or waiting request (finish_reason "cancelled", its
+    tokens so far); False if it already finished.
+
+    Raises:
+      KeyError: no such request was submitted (or its result was popped).
+    """
+    seq = self.live(request_id)
+    if seq is None:
+      if request_id not in self.results:
+        raise KeyError(f"no request {request_id!r} was submitted (or its "
+                       "result was already popped).")
+      return False
+    self.finish(seq, "cancelled")
+    return True
+
+  def expire(self) -> list[LiveRequest]:
+    """Finishes the live requests past their deadline (finish_reason
+    "deadline", tokens so far); returns them."""
+    now = self.clock()
+    expired = [seq for seq in self.running + list(self.waiting)
+               if seq.request.deadline_s is not None and
+               now - seq.result.arrival_time >= seq.request.deadline_s]
+    for seq in expired:
+      self.finish(seq, "deadline")
+    return expired
+
+  def fail_all(self, error: str) -> list[LiveRequest]:
+    """Fails every live request with `error`; returns them."""
+    live = self.running + list(self.waiting)
+    for seq in live:
+      self.finish(seq, "error", error)
+    return live
+
+  def pop_finished(self) -> list[RequestResult]:
+    """Returns the finished results (in submission order) and forgets
+    them."""
+    done = [r for r in self.results.values() if r.finish_reason is not None]
+    for result in done:
+      del self.results[result.request_id]
+    return done
 
   @property
   def has_work(self) -> bool:
@@ -179,17 +292,48 @@ class Scheduler:
     seq.blocks = self.allocator.alloc(need)
     return seq
 
-  def prefilled(self, seq: LiveRequest, token: int) -> None:
-    """Records the prefill of `seq` and its sampled token."""
+  def prefilled(self, seq: LiveRequest, token: int,
+                finite: bool = True) -> list[int]:
+    """Records the prefill of `seq` and its sampled token; returns the
+    blocks to scrub (those of a request whose logits were not finite, which
+    fails alone)."""
+    if not finite:
+      return self.finish(seq, "error", _non_finite(seq, "prefill"))
     seq.kv_len = int(seq.context.size)
     if not self.append(seq, token):
       self.running.append(seq)
+    return []
+
+  def prefill_failed(self, seq: LiveRequest, error: str | None) -> bool:
+    """A prefill of admitted `seq` raised: frees its blocks, and requeues
+    it at the head of the queue (True) unless it already used its
+    `PREFILL_ATTEMPTS`, when it fails with `error` (False). `error` None
+    (an interrupt, not the request's fault) requeues it uncharged."""
+    seq.faults += error is not None
+    if seq.faults >= PREFILL_ATTEMPTS:
+      self.finish(seq, "error", f"the prefill raised {seq.faults} times; "
+                  f"last: {error}")
+      return False
+    self.allocator.free(seq.blocks)
+    seq.blocks, seq.kv_len = [], 0
+    self.waiting.appendleft(seq)
+    return True
 
   def unblock(self) -> None:
     """Never spins: with nothing running and nothing admitted, the head of
-    the queue cannot be served (it cannot happen for validated requests)."""
-    if (not self.running and self.waiting and not self.admission_paused
-        and self.allocator.num_in_use == 0):
+    the queue cannot be served (it cannot happen for validated requests).
+
+    Blocks held while nothing runs belong to no request (a leak): they are
+    taken back (counted in `blocks_reclaimed`) and the head is admitted at
+    the next step instead.
+    """
+    if (not self.running and self.waiting and not self.admission_paused):
+      if self.allocator.num_in_use:
+        self.blocks_reclaimed += self.allocator.num_in_use
+        peak = self.allocator.peak_in_use
+        self.allocator = BlockAllocator(self.allocator.num_blocks)
+        self.allocator.peak_in_use = peak
+        return
       seq = self.waiting.popleft()
       self.fail(seq.result, "the request does not fit in the KV pool of "
                 f"{self.allocator.num_blocks} blocks.")
@@ -205,11 +349,7 @@ class Scheduler:
     stop = request.stop_token is not None and token == request.stop_token
     if not stop and len(seq.generated) < request.max_new_tokens:
       return False
-    result.tokens = list(seq.generated)
-    result.finish_reason = "stop" if stop else "length"
-    result.finish_time, result.finish_step = self.clock(), self.step_count
-    self.allocator.free(seq.blocks)
-    seq.blocks = []
+    self.finish(seq, "stop" if stop else "length")
     return True
 
   # -- decode and preemption -----------------------------------------------
@@ -239,12 +379,19 @@ class Scheduler:
       i += 1
     return list(self.running)
 
-  def decoded(self, batch: Sequence[LiveRequest], tokens) -> None:
-    """Records one decode step's sampled tokens."""
-    for seq, token in zip(batch, tokens):
+  def decoded(self, batch: Sequence[LiveRequest], tokens,
+              finite=None) -> list[int]:
+    """Records one decode step's sampled tokens; returns the blocks to
+    scrub (those of the rows whose logits were not finite: each such
+    request fails alone)."""
+    dirty = []
+    for i, (seq, token) in enumerate(zip(batch, tokens)):
+      if finite is not None and not finite[i]:
+        dirty += self.finish(seq, "error", _non_finite(seq, "decode"))
+        continue
       seq.kv_len += 1
-      if self.append(seq, token):
-        self.running.remove(seq)
+      self.append(seq, token)
+    return dirty
 
   def drain(self) -> int:
     """Preempts every running request by recompute (they return to the head
@@ -272,3 +419,10 @@ class Scheduler:
   def kv_blocks_peak(self) -> int:
     """Most KV blocks ever in use at once (over every pool size)."""
     return max(self.kv_peak_replaced, self.allocator.peak_in_use)
+
+
+def _non_finite(seq: LiveRequest, kind: str) -> str:
+  return (f"non-finite logits (NaN or inf) in the {kind} of request "
+          f"{seq.request.request_id!r} after {len(seq.generated)} tokens; "
+          "the model produced garbage for it (a non-finite weight or an "
+          "overflow), so it fails alone and its KV blocks are scrubbed.")

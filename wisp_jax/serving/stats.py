@@ -22,9 +22,11 @@ class RequestResult:
   Attributes:
     request_id: the request's id.
     prompt_length: tokens in the prompt.
-    tokens: generated token ids (empty if the request failed).
+    tokens: generated token ids (empty if the request failed; those so far
+      if it was cancelled or passed its deadline).
     error: why the request failed, or None.
-    finish_reason: "length", "stop" or "error" (None while running).
+    finish_reason: "length", "stop", "error", "cancelled" or "deadline"
+      (None while it is live).
     arrival_time: clock time the engine received the request (s).
     first_token_time: clock time its first token was sampled (s).
     finish_time: clock time it finished or failed (s).
@@ -109,6 +111,9 @@ class StepMetrics:
     pager_misses: needed experts not on device.
     pager_loads: experts copied host -> device.
     pager_bytes: bytes those copies moved.
+    faults: steps of this engine step that raised and were recovered
+      (see `serving.engine`).
+    expired: requests that passed their deadline at the step's start.
   """
   step: int
   time_s: float
@@ -131,6 +136,8 @@ class StepMetrics:
   pager_misses: int
   pager_loads: int
   pager_bytes: int
+  faults: int = 0
+  expired: int = 0
 
   def to_json(self) -> dict[str, Any]:
     record = dataclasses.asdict(self)

@@ -57,6 +57,9 @@ class StepOutput:
     routing_ids: `[L, B, T, K]` int32.
     routing_weights: `[L, B, T, K]`.
     counters: `[3, L]` int32 cumulative (hits, misses, loads) of the source.
+    finite: `[B]` bool, whether every logit of the row is finite (a row
+      that is not sampled garbage; checked here so the engine reads `B`
+      flags, not `[B, V]` logits).
   """
   token: jax.Array
   logits: jax.Array
@@ -65,6 +68,7 @@ class StepOutput:
   routing_ids: jax.Array
   routing_weights: jax.Array
   counters: jax.Array
+  finite: jax.Array
 
 
 def sample_rows(logits: jax.Array, sampling: Sampling) -> jax.Array:
@@ -97,7 +101,8 @@ def step_impl(graphdef: nnx.GraphDef, state: nnx.State, spec: SourceSpec,
       token=sample_rows(logits, sampling), logits=logits,
       kv=out.kv.advance(tokens.shape[1]), carry=out.carry,
       routing_ids=out.routing_ids, routing_weights=out.routing_weights,
-      counters=jnp.stack(spec.counters(out.carry)))
+      counters=jnp.stack(spec.counters(out.carry)),
+      finite=jnp.all(jnp.isfinite(logits), axis=-1))
 
 
 def jit_step(impl=step_impl):
