@@ -239,3 +239,29 @@ def test_bad_inputs():
     replay.replay(trace, "lru", 2, num_slots=1)
   with pytest.raises(ValueError, match="RoutingTrace"):
     replay.replay(trace.needed_masks(), "lru", 2)
+
+
+@pytest.mark.parametrize("kind, batch, capacity", [
+    ("sticky", 1, 3), ("zipf", 1, 2), ("uniform", 1, 5), ("sticky", 2, 4),
+    ("sticky", 4, [5, 6, 4])])
+def test_lru_fast_path_equals_the_planner(kind, batch, capacity):
+  make = {"sticky": synthetic.sticky, "zipf": synthetic.zipf,
+          "uniform": synthetic.uniform}[kind]
+  trace = make(3, 6, 2, 4, 10, batch, seed=3)
+  batching = "single" if batch == 1 else "trace"
+  if batch == 1:  # single-stream: every step fits, the fast path runs
+    ordinals = replay.step_ordinals(trace, batching)
+    assert replay._lru_fast(trace, batching, ordinals,
+                            [np.broadcast_to(capacity, (3,))]) is not None
+  slow = replay.replay(trace, "lru", capacity, batching=batching, fast=False)
+  fast = replay.replay(trace, "lru", capacity, batching=batching)
+  for field in ("hits", "misses", "loads", "step_hits", "step_misses",
+                "step_loads"):
+    assert np.array_equal(getattr(fast, field), getattr(slow, field)), field
+  # Several capacities from one pass; an overflowing one falls back.
+  caps = [2, 3, 6]
+  many = replay.replay_many(trace, "lru", caps, batching=batching)
+  for cap, result in zip(caps, many):
+    one = replay.replay(trace, "lru", cap, batching=batching, fast=False)
+    assert np.array_equal(result.step_loads, one.step_loads), cap
+    assert np.array_equal(result.step_hits, one.step_hits), cap

@@ -37,6 +37,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from wisp_jax.traces.trace import RoutingTrace
@@ -116,8 +118,85 @@ def lru_priority(step_ordinal: np.ndarray | int, expert: np.ndarray | int,
           + (num_experts - 1 - np.asarray(expert, np.int64)))
 
 
+@jax.jit
+def _scan(masks: jax.Array, key: jax.Array, start: jax.Array,
+          capacities: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """LRU stack distances of a chunk of steps (one jitted scan, all layers).
+
+  Args:
+    masks: `[S, L, E]` bool needed sets of steps start .. start + S - 1.
+    key: `[L, E]` int32 LRU keys before the chunk (-1: never referenced).
+    start: `[]` int32 ordinal of the chunk's first step.
+    capacities: `[C]` int32 capacities whose per-step hits to return.
+
+  Returns:
+    the chunk's distance histogram `[L, E + 1]` int32 (column E: cold
+    references and non-references are not counted there: see below), its
+    per-step hits `[S, L, C]` int32 at each capacity, and the keys after it.
+  """
+  num_layers, num_experts = masks.shape[1:]
+  tie = num_experts - 1 - jnp.arange(num_experts, dtype=jnp.int32)
+  rows = jnp.broadcast_to(jnp.arange(num_layers)[:, None],
+                          (num_layers, num_experts))
+
+  def step(carry, xs):
+    key, hist = carry
+    t, needed = xs
+    # [L, E]: experts ranked above each one, i.e. its stack distance.
+    above = jnp.sum(key[:, None, :] > key[:, :, None], axis=2,
+                    dtype=jnp.int32)
+    warm = needed & (key >= 0)
+    distance = jnp.where(warm, above, num_experts)
+    hist = hist.at[rows, distance].add(warm.astype(jnp.int32))
+    hits = jnp.sum(distance[:, :, None] < capacities, axis=1,
+                   dtype=jnp.int32)
+    return (jnp.where(needed, t * num_experts + tie, key), hist), hits
+
+  ticks = start + jnp.arange(masks.shape[0], dtype=jnp.int32)
+  hist = jnp.zeros((num_layers, num_experts + 1), jnp.int32)
+  (key, hist), hits = jax.lax.scan(step, (key, hist), (ticks, masks))
+  return hist, hits, key
+
+
+# Steps x layers x experts of the needed masks of one chunk.
+_CHUNK_ELEMENTS = 2**24
+
+
+def lru_scan(masks: np.ndarray, capacities=()
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Stack-distance pass over `[S, L, E]` needed masks, chunked.
+
+  Returns:
+    the distance histogram `[L, E]` int64 (cold references excluded) and
+    the per-step hits `[S, L, C]` int32 at each of `capacities`.
+  """
+  num_steps, num_layers, num_experts = masks.shape
+  if (num_steps + 1) * num_experts >= 2**31:
+    raise ValueError(f"{num_steps} steps x E={num_experts} overflow the "
+                     "int32 LRU keys; replay the trace in parts.")
+  caps = jnp.asarray(np.asarray(capacities, np.int32).reshape(-1))
+  chunk = max(1, _CHUNK_ELEMENTS // (num_layers * num_experts))
+  chunk = min(1 << (chunk.bit_length() - 1),  # a power of two: few shapes
+              1 << max(num_steps - 1, 0).bit_length())
+  key = jnp.full((num_layers, num_experts), -1, jnp.int32)
+  hist = np.zeros((num_layers, num_experts + 1), np.int64)
+  hits = []
+  for start in range(0, num_steps, chunk):
+    part = masks[start:start + chunk]
+    real = part.shape[0]
+    if real < chunk:  # pad with empty steps, which change nothing
+      part = np.pad(part, ((0, chunk - real), (0, 0), (0, 0)))
+    part_hist, part_hits, key = _scan(jnp.asarray(part), key,
+                                      jnp.int32(start), caps)
+    hist += np.asarray(part_hist)
+    hits.append(np.asarray(part_hits)[:real])
+  hits = (np.concatenate(hits) if hits else
+          np.zeros((0, num_layers, caps.size), np.int32))
+  return hist[:, :num_experts], hits
+
+
 def mattson(trace_or_masks: RoutingTrace | np.ndarray) -> MissRatioCurve:
-  """One-pass LRU stack-distance analysis of every layer.
+  """One-pass LRU stack-distance analysis of every layer (a jitted scan).
 
   Args:
     trace_or_masks: a trace, or `[S, L, E]` bool needed masks
@@ -127,30 +206,14 @@ def mattson(trace_or_masks: RoutingTrace | np.ndarray) -> MissRatioCurve:
     the curve for capacities 0..E of every layer.
   """
   masks = _masks(trace_or_masks)
-  num_steps, num_layers, num_experts = masks.shape
-  key = np.full((num_layers, num_experts), -1, np.int64)  # -1: never used
-  flat_hist = np.zeros(num_layers * num_experts, np.int64)
-  cold = np.zeros(num_layers, np.int64)
-  rank = np.empty((num_layers, num_experts), np.int64)
-  layer_rows = np.arange(num_layers)[:, None]
-  priority = lru_priority(0, np.arange(num_experts), num_experts)
-  for t in range(num_steps):
-    needed = masks[t]  # [L, E]
-    # rank[l, e]: experts of layer l with a higher key than e (the stack
-    # distance of e, when e has been referenced).
-    rank[layer_rows, np.argsort(-key, axis=1, kind="stable")] = np.arange(
-        num_experts)
-    seen = key >= 0
-    cold += (needed & ~seen).sum(axis=1)
-    layer, expert = np.nonzero(needed & seen)
-    flat_hist += np.bincount(layer * num_experts + rank[layer, expert],
-                             minlength=num_layers * num_experts)
-    key = np.where(needed, priority + t * num_experts, key)
-  hist = flat_hist.reshape(num_layers, num_experts)
+  num_steps, num_layers, _ = masks.shape
+  hist, _ = lru_scan(masks)
+  references = masks.sum(axis=(0, 2)).astype(np.int64)
+  cold = references - hist.sum(axis=1)
   hits = np.concatenate([np.zeros((num_layers, 1), np.int64),
                          np.cumsum(hist, axis=1)], axis=1)
-  return MissRatioCurve(references=masks.sum(axis=(0, 2)).astype(np.int64),
-                        cold=cold, distance_histogram=hist, hits=hits,
+  return MissRatioCurve(references=references, cold=cold,
+                        distance_histogram=hist, hits=hits,
                         num_steps=num_steps)
 
 

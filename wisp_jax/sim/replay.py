@@ -49,6 +49,7 @@ import numpy as np
 
 from wisp_jax.paging import pager
 from wisp_jax.paging.policies import get_policy, most_used
+from wisp_jax.sim import mrc
 from wisp_jax.traces.trace import RoutingTrace
 
 Batching = Literal["trace", "single"]
@@ -225,6 +226,62 @@ def _layer_states(state: pager.PagerState) -> pager.LayerState:
       hits=state.hits, misses=state.misses, loads=state.loads)
 
 
+def _lru_fast(trace: RoutingTrace, batching: Batching, ordinals: np.ndarray,
+              capacities: Sequence[np.ndarray]) -> list[ReplayResult] | None:
+  """LRU replays at several `[L]` capacities from one stack-distance pass,
+  or None when some step needs more experts than a layer's slots (there
+  the planner's overflow groups load more than the misses).
+
+  With every needed set fitting, the pager's LRU cache of capacity c holds
+  the c most recently used experts (ties: lower id), i.e. the top c of
+  Mattson's LRU stack, and loads only its misses; `tests/sim/replay_test.py`
+  checks this against the planner.
+  """
+  num_steps = int(ordinals[-1]) + 1 if ordinals.size else 0
+  masks = needed_masks(trace, batching, 0, num_steps, ordinals)
+  needed = masks.sum(axis=2)  # [S, L]
+  caps = np.stack([np.asarray(c, np.int64) for c in capacities])  # [C, L]
+  if needed.size and np.any(needed.max(axis=0)[None, :] > caps):
+    return None
+  unique, index = np.unique(caps, return_inverse=True)
+  _, hits = mrc.lru_scan(masks, unique)  # [S, L, U]
+  index = index.reshape(caps.shape)
+  layers = np.arange(trace.num_layers)
+  results = []
+  for cap, idx in zip(caps, index):
+    step_hits = hits[:, layers, idx].astype(np.int32)  # [S, L]
+    step_misses = (needed - step_hits).astype(np.int32)
+    zero = np.zeros(trace.num_layers, np.int64)
+    results.append(ReplayResult(
+        policy="lru", batching=batching, capacity=cap,
+        hits=step_hits.sum(axis=0, dtype=np.int64),
+        misses=step_misses.sum(axis=0, dtype=np.int64),
+        loads=step_misses.sum(axis=0, dtype=np.int64), initial_loads=zero,
+        step_hits=step_hits, step_misses=step_misses,
+        step_loads=step_misses.copy()))
+  return results
+
+
+def replay_many(trace: RoutingTrace, policy: str,
+                capacities: Sequence[int | Sequence[int]], **kwargs
+                ) -> list[ReplayResult]:
+  """`replay` at each of `capacities`; LRU shares one stack-distance pass
+  across all of them when every step fits (see `replay`'s `fast`)."""
+  if policy == "lru" and kwargs.get("fast", True):
+    batching = kwargs.get("batching", "trace")
+    caps = [pager.check_capacity(c, trace.num_layers, 1, trace.num_experts,
+                                 low_why="1",
+                                 high_why=f"the trace's {trace.num_experts} "
+                                 "experts", high_label=f"E="
+                                 f"{trace.num_experts}").astype(np.int64)
+            for c in capacities]
+    results = _lru_fast(trace, batching, step_ordinals(trace, batching),
+                        caps)
+    if results is not None:
+      return results
+  return [replay(trace, policy, c, **kwargs) for c in capacities]
+
+
 def default_chunk_steps(num_steps: int, num_layers: int,
                         num_experts: int) -> int:
   """Steps per jitted scan call: a power of two (so traces of similar
@@ -238,7 +295,7 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
            *, policy_options: Mapping[str, Any] | None = None,
            hot_set: np.ndarray | None = None, batching: Batching = "trace",
            num_slots: int | None = None, chunk_steps: int | None = None,
-           unroll: int = 1) -> ReplayResult:
+           unroll: int = 1, fast: bool = True) -> ReplayResult:
   """Replays `trace` through the pager's planning code.
 
   Args:
@@ -258,6 +315,11 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
     chunk_steps: steps per jitted scan call (default: a power of two that
       bounds the masks at 32 MiB).
     unroll: `lax.scan` unroll factor.
+    fast: for `lru`, when no step needs more experts than a layer's slots
+      (single-stream decode, small batches), count with one LRU
+      stack-distance pass (`sim.mrc.lru_scan`) instead of planning every
+      step: the same hits, misses and loads (tested against the planner),
+      much faster. Steps that overflow fall back to the planner.
 
   Returns:
     the `ReplayResult`.
@@ -298,6 +360,10 @@ def replay(trace: RoutingTrace, policy: str, capacity: int | Sequence[int],
   elif hot_set is not None:
     raise ValueError(f"hot_set is only used by policy 'pinned', not "
                      f"{policy!r}; drop it.")
+  if fast and policy == "lru":
+    result = _lru_fast(trace, batching, ordinals, [cap])
+    if result is not None:
+      return result[0]
   state = pager.init_state(rule, num_layers, num_experts, num_slots,
                            cap.astype(np.int32), hot_set)
   initial_loads = ((hot_set >= 0).sum(axis=1).astype(np.int64)
