@@ -18,6 +18,8 @@ usable amount nvidia-smi reports is slightly lower.
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, Mapping
 
 GB = 1e9
@@ -141,11 +143,26 @@ def profile_from_dict(spec: Mapping[str, Any]) -> HardwareProfile:
 
 def get_profile(name: str | Mapping[str, Any] | HardwareProfile
                 ) -> HardwareProfile:
-  """A named profile, a dict of fields, or a profile passed through."""
+  """A named profile, a dict of fields, the path of a JSON file of fields
+  (e.g. the `hardware.json` that `runs.gpu_bench` writes), or a profile
+  passed through."""
   if isinstance(name, HardwareProfile):
     return name
   if isinstance(name, Mapping):
     return profile_from_dict(name)
+  if isinstance(name, str) and name.endswith(".json"):
+    path = pathlib.Path(name)
+    if not path.is_file():
+      raise ValueError(f"hardware profile file {name!r} does not exist.")
+    try:
+      fields = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"hardware profile file {name}: not valid JSON "
+                       f"({e}).") from None
+    if not isinstance(fields, dict):
+      raise ValueError(f"hardware profile file {name}: expected an object "
+                       "of HardwareProfile fields.")
+    return profile_from_dict(fields)
   try:
     return PROFILES[name]
   except KeyError:
