@@ -55,7 +55,7 @@ def test_padded_batch_matches_single_prompts():
     alone = wisp_jax.generate(model, [prompt], max_new_tokens=6,
                               return_logits=True)
     assert np.array_equal(batch.tokens[row], alone.tokens[0])
-    np.testing.assert_allclose(batch.logits[:, row], alone.logits[:, 0],
+    np.testing.assert_allclose(batch.logits[row], alone.logits[0],
                                atol=1e-5)
 
 
@@ -69,3 +69,20 @@ def test_generate_refuses_bad_requests():
     wisp_jax.generate(model, [[]], max_new_tokens=2)
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
     wisp_jax.generate(model, [[1]], max_new_tokens=0)
+
+
+def test_from_pretrained_says_what_a_wrong_path_is(tmp_path):
+  # A training workdir: config.json of the run, summary, checkpoint/.
+  workdir = tmp_path / "train"
+  model = wisp_jax.MoEModel(wisp_jax.get_config("tiny"), rngs=nnx.Rngs(0))
+  checkpoint.save(model, workdir / "checkpoint")
+  (workdir / "config.json").write_text('{"batch_size": 8, "seed": 0}')
+  (workdir / "summary.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="is a training workdir .*its "
+                     "checkpoint is .*train/checkpoint'"):
+    wisp_jax.from_pretrained(workdir)
+  loaded = wisp_jax.from_pretrained(workdir / "checkpoint")
+  assert loaded.config == model.config
+  with pytest.raises(FileNotFoundError, match="is a file, not a model "
+                     "directory"):
+    wisp_jax.from_pretrained(workdir / "summary.json")

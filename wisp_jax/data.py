@@ -217,11 +217,16 @@ def sample_prompts(num_prompts: int = 4, max_bytes: int = 160,
 
 
 def encode(text: str) -> np.ndarray:
-  """UTF-8 bytes of `text` as `[n]` int32 token ids."""
+  """UTF-8 bytes of `text` as `[n]` int32 token ids.
+
+  The tokenizer of the byte-level default model (vocab_size 256):
+  `generate(model, data.encode(text), n)` equals `generate(model, text, n)`.
+  """
   return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
 def decode(tokens) -> str:
-  """Text of byte token ids; invalid UTF-8 becomes U+FFFD."""
+  """Text of byte token ids (the default model's output); invalid UTF-8
+  becomes U+FFFD."""
   return bytes(np.asarray(tokens, np.uint8).tolist()).decode(
       "utf-8", errors="replace")

@@ -3,7 +3,8 @@
 Every script in `experiments/` is `launch.main(module.run)`: flags
 `--config` (an ml_collections config file, fields overridable on the
 command line) and `--workdir`, INFO logging, then `run(config, workdir)`,
-the same function a notebook calls.
+the same function a notebook calls. A run that returns a
+`wisp_jax.runs.reports.Report` has it printed at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from wisp_jax.runs import reports
+
 
 def main(run: Callable[[Any, str], Any],
          report: Callable[[Any, str], None] | None = None) -> None:
@@ -22,7 +25,8 @@ def main(run: Callable[[Any, str], Any],
 
   Args:
     run: the experiment, `run(config, workdir) -> summary`.
-    report: optional `report(summary, workdir)` that logs the results.
+    report: optional `report(summary, workdir)` that shows the results
+      (default: print the summary if it is a `reports.Report`).
   """
   config = config_flags.DEFINE_config_file("config", None, "Config file.",
                                            lock_config=True)
@@ -36,5 +40,7 @@ def main(run: Callable[[Any, str], Any],
     summary = run(config.value, workdir.value)
     if report is not None:
       report(summary, workdir.value)
+    elif isinstance(summary, reports.Report):
+      print(summary)
 
   app.run(_main)

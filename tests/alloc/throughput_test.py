@@ -13,38 +13,51 @@ MISSES = [[4, 4, 3, 2, 1, 1, 0], [4, 4, 2, 2, 2, 1, 0]]
 
 
 def test_prediction_is_cost_model_composition():
-  # One request (C=1) of 8 prompt + 9 output tokens: decode context is
-  # positions 9..17, mean 13; the pool holds it whole, so no preemption.
+  # One request at a time (C=1) of 8 prompt + 9 output tokens: one prefill
+  # (which samples the first token) and 8 decode passes per request, so
+  # 1/8 prefill and 9/8 tokens per step. Decodes read positions 9..16,
+  # mean 12.5 (priced at 12); after decodes 1..7 it holds ceil((8+i)/4)
+  # blocks, and the last decode frees them: 24 / 8 = 3 blocks per step.
+  # Hand-made curves have no prefill data: a prompt routes uniformly and
+  # a layer with c slots holds a fraction c / E of its experts.
   w = make_workload(MISSES, prompt=8, output=9)
   split = throughput.Split.make([3, 4], w.floor_blocks, 2)
   model = w.model
-  decode = cost.step_cost(model, TOY_DEVICE, batch=1, context_len=13,
-                          misses=2 + 2, needed_experts=8)
+  decode = cost.step_cost(model, TOY_DEVICE, batch=1, context_len=12,
+                          misses=0, needed_experts=8)
   union = float(union_size(6, 2, 8))
   prefill_base = cost.step_cost(model, TOY_DEVICE, batch=1, context_len=8,
                                 phase="prefill", misses=0,
                                 needed_experts=round(2 * union)).total_s
   tau = model.expert_bytes() / TOY_DEVICE["h2d_bytes_per_s"]
-  prefill = prefill_base + tau * union * ((1 - 3 / 6) + (1 - 4 / 6))
-  expected = 1.0 / (decode.total_s + prefill / 9)
+  prefill_loads = union * ((1 - 3 / 6) + (1 - 4 / 6))
+  step = decode.total_s + prefill_base / 8 + tau * (4 + prefill_loads / 8)
   got = throughput.prediction(w, split)
-  assert got.concurrency == 1
+  assert got.concurrency == 1 and got.batch == 1.0
   assert got.decode_misses_per_step == 4
-  assert got.decode_step_s == pytest.approx(decode.total_s)
-  assert got.full_probability == 0.0
-  assert got.tokens_per_s == pytest.approx(expected, rel=1e-12)
+  assert got.prefills_per_step == pytest.approx(1 / 8)
+  assert got.prefill_loads_per_prefill == pytest.approx(prefill_loads)
+  assert got.kv_blocks_in_use == pytest.approx(3.0)
+  assert got.preemptions_per_step == 0.0
+  assert got.decode_step_s == pytest.approx(decode.total_s + 4 * tau)
+  assert got.tokens_per_s == pytest.approx((9 / 8) / step, rel=1e-12)
 
 
-def test_full_probability_bounds():
+def test_tight_pool_lowers_the_batch_and_preempts():
+  # C=4 requests of 28..43 tokens (at most 11 blocks, about 7 held on
+  # average); a pool of 16 blocks holds about two of them: the KV model
+  # runs fewer than 4 and preempts; with 4 x 11 blocks it never binds.
   w = make_workload(MISSES, concurrency=4, prompt=np.arange(4, 36, 2),
-                    output=np.arange(20, 4, -1))
-  longest = -(-w.max_len // w.block_size)
-  p = throughput.full_probability(w, np.array([1, 2, 3]),
-                                3 * longest)
-  assert np.all(p == 0.0)  # three longest requests fit: never full
-  half = throughput.full_probability(w, 2, 2 * w.held_blocks)
-  assert float(half) == pytest.approx(0.5)
-  assert float(throughput.full_probability(w, 3, 3 * w.held_blocks - 5)) > 0.5
+                    output=np.arange(24, 8, -1))
+  longest = -(-(w.prompt_lens + w.output_lens - 1).max() // w.block_size)
+  tight = throughput.prediction(w, throughput.Split.make(4, 16, 2),
+                                max_batch=4, fixed=True)
+  roomy = throughput.prediction(
+      w, throughput.Split.make(4, 4 * longest, 2), max_batch=4, fixed=True)
+  assert roomy.batch == 4.0 and roomy.preemptions_per_step == 0.0
+  assert tight.batch < 3 and tight.preemptions_per_step > 0
+  assert tight.kv_blocks_in_use <= 16
+  assert tight.tokens_per_s < roomy.tokens_per_s
 
 
 def test_more_kv_never_hurts_and_saturates_at_demand():

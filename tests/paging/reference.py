@@ -73,3 +73,48 @@ def belady(steps, capacity):
       victim = max(cache - needed, key=lambda e: (next_use(e), e))
       cache.remove(victim)
   return out
+
+
+def decayed_replay(steps, capacity, half_life, gates=None, one=1024,
+                   limit=2**30 - 1):
+  """Per-step (hits, misses) of `lrfu` (gates None) or `lrfu_gate`.
+
+  Definition: every step each expert's score is multiplied by
+  2^(-1/half_life) (one float32 multiply of the integer score, truncated)
+  and each needed expert adds `one` (lrfu) or its gate mass `gates[t][e]`
+  (lrfu_gate); scores saturate at `limit`. Retention key: (score, last
+  use); eviction and overflow as in `replay`.
+
+  Args:
+    steps: list of sets of needed experts.
+    capacity: slots.
+    half_life: steps.
+    gates: per step, a dict expert -> gate mass (lrfu_gate), or None.
+  """
+  import numpy as np
+  factor = np.float32(0.5 ** (1.0 / half_life))
+  cache, score, last_use, out = set(), {}, {}, []
+  for tick, needed in enumerate(steps):
+    hits = len(needed & cache)
+    out.append((hits, len(needed) - hits))
+    for e in set(score) | needed:
+      kept = int(np.float32(score.get(e, 0)) * factor)
+      added = 0
+      if e in needed:
+        added = one if gates is None else max(gates[tick].get(e, 0), 0)
+      score[e] = min(kept + min(added, limit), limit)
+    for e in needed:
+      last_use[e] = tick
+
+    def key(e):
+      return (score.get(e, 0), last_use.get(e, -1))
+
+    if len(needed) > capacity:
+      ranked = sorted(needed, key=lambda e: (tuple(-k for k in key(e)), e))
+      cache = set(ranked[:capacity])
+      continue
+    cache |= needed
+    while len(cache) > capacity:
+      victim = min(cache - needed, key=lambda e: (key(e), -e))
+      cache.remove(victim)
+  return out

@@ -1,22 +1,16 @@
 """Tests of wisp_jax/runs/allocate.py and alloc_sweep.py on the `tiny` configs."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
+from wisp_jax import configs
 from wisp_jax.runs import allocate
 from wisp_jax.runs import alloc_sweep as sweep
 
-CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
-
 
 def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configs.get(name, arg)
 
 
 def test_parse_groups():
@@ -41,6 +35,13 @@ def test_allocate_run_writes_summary(tmp_path):
   split = written["split"]
   assert len(split["slots_per_layer"]) == 2
   assert split["kv_blocks"] >= written["workload"]["floor_blocks"]
+  # split.json: what serve and generate read.
+  assert json.loads((tmp_path / "split.json").read_text()) == {
+      "slots_per_layer": split["slots_per_layer"],
+      "kv_blocks": split["kv_blocks"]}
+  text = str(summary)
+  assert "slots  " + "  ".join(map(str, split["slots_per_layer"])) in text
+  assert f"{split['kv_blocks']} KV blocks" in text
 
 
 def test_allocate_refuses_a_small_budget(tmp_path):

@@ -20,7 +20,9 @@ def test_tiny_sources_interleaved(tmp_path):
            "hot_set": "all"}]})
   summary = decode.run(config, tmp_path)
   rows = {r["name"]: r for r in summary["results"]}
-  assert rows["resident"]["vs_resident"]["median"] == 1.0
+  resident_ms = np.array(rows["resident"]["step_ms_all"])
+  if np.all(resident_ms > 0):
+    assert rows["resident"]["vs_resident"]["median"] == 1.0
   assert rows["paged_hit100"]["decode_hit_rate"] == 1.0
   assert rows["paged_hit100"]["bytes_per_token"] == 0
   assert 0 < rows["paged_E/2"]["decode_hit_rate"] < 1
@@ -34,5 +36,12 @@ def test_tiny_sources_interleaved(tmp_path):
     ratios = np.array(row["vs_resident"]["values"])
     times = np.array(row["step_ms_all"])
     resident = np.array(rows["resident"]["step_ms_all"])
-    np.testing.assert_allclose(ratios, times / resident)
+    # A long-minus-short difference that came out non-positive on a loaded
+    # machine leaves the row without ratios (nan), never with made-up ones.
+    if np.all(times > 0) and np.all(resident > 0):
+      np.testing.assert_allclose(ratios, times / resident)
+    else:
+      assert np.all(np.isnan(ratios))
+      assert "no figure" in summary["table"]
   assert "x resident" in summary["table"]
+  assert (tmp_path / "decode.png").stat().st_size > 0

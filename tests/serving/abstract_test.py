@@ -33,6 +33,6 @@ def test_step_program_does_not_grow_with_depth():
   assert lines[4] == lines[48], lines
   unrolled = {layers: abstract.lower_decode_step(
       shallow.replace(num_layers=layers, unroll_layers=True), "paged", 2,
-      cache_len=64).hlo_lines for layers in (2, 4)}
+      cache_len=64).hlo_lines for layers in (1, 2)}
   # Unrolled (debugging), every layer adds its own copy of the body.
-  assert unrolled[4] > 1.5 * unrolled[2]
+  assert unrolled[2] > 1.5 * unrolled[1]

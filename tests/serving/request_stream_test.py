@@ -1,12 +1,11 @@
 """Tests of wisp_jax/serving/request_stream.py and wisp_jax/runs/serve.py."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
+from wisp_jax.configs import serve as serve_config
 from wisp_jax.runs import serve
 from wisp_jax.serving import request_stream
 
@@ -55,11 +54,7 @@ def test_jsonl_workload(tmp_path):
 def test_serve_tiny_writes_its_outputs(tiny_model, tmp_path, monkeypatch):
   monkeypatch.setattr(serve, "load_model",
                       lambda config: (tiny_model, "test fixture"))
-  path = pathlib.Path(__file__).parents[2] / "configs" / "serve.py"
-  spec = importlib.util.spec_from_file_location("serve_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = serve_config.get_config("tiny")
   summary = serve.run(config, tmp_path)
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk == json.loads(json.dumps(summary))
@@ -82,3 +77,22 @@ def test_serve_tiny_writes_its_outputs(tiny_model, tmp_path, monkeypatch):
   for key in ("p50", "p90", "p99"):
     assert summary["ttft_s"][key] <= summary["latency_s"][key]
   assert json.loads((tmp_path / "config.json").read_text())["model"] == "tiny"
+  # The report prints; the step plot is written.
+  assert f"served {n}/{n} requests" in str(summary)
+  assert (tmp_path / serve.STEPS_PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_takes_the_split_that_allocate_wrote(tiny_model, tmp_path):
+  path = tmp_path / "split.json"
+  path.write_text(json.dumps({"slots_per_layer": [3, 5], "kv_blocks": 12}))
+  config = serve_config.get_config("tiny")
+  config.engine.split_file = str(path)
+  engine = serve._engine(tiny_model, config, None)  # pylint: disable=protected-access
+  assert engine.split.slots_per_layer == (3, 5)
+  assert engine.allocator.num_blocks == 12
+  path.write_text(json.dumps({"slots_per_layer": [3, 3, 3], "kv_blocks": 12}))
+  with pytest.raises(ValueError, match="splits 3 layers, but the model has 2"):
+    serve._engine(tiny_model, config, None)  # pylint: disable=protected-access
+  config.engine.split_file = str(tmp_path / "absent.json")
+  with pytest.raises(FileNotFoundError, match="allocate.py writes"):
+    serve._engine(tiny_model, config, None)  # pylint: disable=protected-access

@@ -1,13 +1,24 @@
 """Routing curves: per-layer LRU misses per decode step, by concurrency.
 
-The expert working set of a decode step grows with the number of requests
-sharing it, so `curves_from_trace` measures `sim.mrc.mattson` curves at
-several concurrency levels n: the trace's requests are replayed in waves
-of n (`rebatch`). Between measured levels the curves are interpolated
-linearly in n; below the lowest level they scale to 0 at n = 0; above the
-highest level the miss ratio is kept and the references per step scale like
-the union of n tokens' top-k sets under uniform routing,
-E (1 - (1 - K/E)^n).
+Two ways to get them:
+
+  * `curves_from_trace` rebatches a trace's requests in waves of n
+    (`rebatch`) and runs `sim.mrc.mattson` on each level; each level is
+    measured in steady state (the trace replayed twice, the second pass
+    counted), so the first use of an expert is not charged as a miss at
+    every capacity. It also keeps the trace's per-request routing
+    (`RoutingCurves.routing`), from which `alloc.throughput` measures the
+    engine's own pass order at every batch size of a workload
+    (`alloc.steady.engine_curves`: prefill passes that evict, overflow
+    reloads, every level 1..C).
+  * hand-made or observed curves (tests, the online controller): decode
+    misses at a few levels, no prefill curves.
+
+Between measured levels the curves are interpolated linearly in n; below
+the lowest level they scale to 0 at n = 0; above the highest level the miss
+ratio is kept and the references per step scale like the union of n
+tokens' top-k sets under uniform routing, E (1 - (1 - K/E)^n). Per-pass
+prefill curves are not scaled outside the measured levels.
 
 `synthetic_trace` builds traces whose layer groups have different locality
 (the `traces.synthetic` generators side by side).
@@ -21,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from wisp_jax.alloc.steady import EngineCurves, RequestRouting
 from wisp_jax.sim import mrc
 from wisp_jax.traces import synthetic
 from wisp_jax.traces.trace import PREFILL, RoutingTrace
@@ -33,24 +45,49 @@ def union_size(num_experts: int, top_k: int, tokens: float | np.ndarray
   return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
+# Optional per-level arrays `[N, L, E + 1]` (or `[N, L]`), and whether
+# they are per decode step (scaled below and above the measured levels).
+OPTIONAL = {"loads_per_step": True, "prefill_misses": False,
+            "prefill_loads": False, "prefill_references": False,
+            "eviction_misses": False, "eviction_loads": False}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RoutingCurves:
-  """Per-layer LRU misses per decode step, by capacity and concurrency.
+  """Per-layer LRU traffic per decode step, by capacity and concurrency.
 
   Attributes:
     concurrency: `[N]` float64 increasing, mean requests per decode step of
       each measured level.
-    misses_per_step: `[N, L, E + 1]` float64 LRU misses per step of layer l
-      with capacity c (index c).
+    misses_per_step: `[N, L, E + 1]` float64 LRU misses per decode step of
+      layer l with capacity c (index c).
     references_per_step: `[N, L]` float64 distinct experts a step needs.
     top_k: K of the routing.
     source: provenance (trace source and levels).
+    loads_per_step: `[N, L, E + 1]` copies per decode step (misses plus
+      the pager's overflow reloads); None: equal to the misses.
+    prefill_misses, prefill_loads: `[N, L, E + 1]` per prefill pass, or
+      None (then a prompt is taken to route uniformly, see
+      `alloc.throughput`).
+    prefill_references: `[N, L]` experts a prefill pass needs.
+    eviction_misses, eviction_loads: `[N, L, E + 1]` decode misses/loads
+      that one prefill pass adds (it evicts the decode working set).
+    routing: the trace's per-request routing, from which the engine's own
+      pass order is measured for a workload's lengths (None: use the
+      arrays as they are).
   """
   concurrency: np.ndarray
   misses_per_step: np.ndarray
   references_per_step: np.ndarray
   top_k: int
   source: str = ""
+  loads_per_step: np.ndarray | None = None
+  prefill_misses: np.ndarray | None = None
+  prefill_loads: np.ndarray | None = None
+  prefill_references: np.ndarray | None = None
+  eviction_misses: np.ndarray | None = None
+  eviction_loads: np.ndarray | None = None
+  routing: RequestRouting | None = None
 
   def __post_init__(self):
     levels = np.asarray(self.concurrency, np.float64)
@@ -77,6 +114,31 @@ class RoutingCurves:
     object.__setattr__(self, "concurrency", levels)
     object.__setattr__(self, "misses_per_step", misses)
     object.__setattr__(self, "references_per_step", refs)
+    for name in OPTIONAL:
+      value = getattr(self, name)
+      if value is None:
+        continue
+      value = np.asarray(value, np.float64)
+      want = refs.shape if name == "prefill_references" else misses.shape
+      if value.shape != want:
+        raise ValueError(f"{name} must have shape {want}, got "
+                         f"{value.shape}.")
+      object.__setattr__(self, name, value)
+
+  @classmethod
+  def from_engine(cls, curves: EngineCurves, top_k: int, source: str = ""
+                  ) -> "RoutingCurves":
+    """Curves of `steady.engine_curves` (decode misses cannot increase
+    with capacity; measured ones can only by float noise)."""
+    misses = np.minimum.accumulate(curves.misses, axis=2)
+    return cls(concurrency=curves.concurrency, misses_per_step=misses,
+               references_per_step=curves.references, top_k=top_k,
+               source=source, loads_per_step=curves.loads,
+               prefill_misses=curves.prefill_misses,
+               prefill_loads=curves.prefill_loads,
+               prefill_references=curves.prefill_references,
+               eviction_misses=curves.eviction_misses,
+               eviction_loads=curves.eviction_loads)
 
   @property
   def num_layers(self) -> int:
@@ -86,6 +148,37 @@ class RoutingCurves:
   def num_experts(self) -> int:
     return self.misses_per_step.shape[2] - 1
 
+  @property
+  def has_prefill(self) -> bool:
+    """Whether prefill passes were measured (else a model fills them in)."""
+    return self.prefill_loads is not None
+
+  def _weights(self, flat: np.ndarray):
+    levels = self.concurrency
+    idx = np.clip(np.searchsorted(levels, flat) - 1, 0, levels.size - 1)
+    hi = np.minimum(idx + 1, levels.size - 1)
+    span = np.where(hi > idx, levels[hi] - levels[idx], 1.0)
+    frac = np.clip((flat - levels[idx]) / span, 0.0, 1.0)
+    below = flat < levels[0]
+    scale = np.where(below, flat / levels[0], 1.0)
+    above = flat > levels[-1]
+    grow = union_size(self.num_experts, self.top_k, flat) / union_size(
+        self.num_experts, self.top_k, levels[-1])
+    return idx, hi, frac, np.where(above, grow, scale)
+
+  def _blend(self, values: np.ndarray, n: np.ndarray, per_step: bool
+             ) -> np.ndarray:
+    flat = np.atleast_1d(n)
+    idx, hi, frac, scale = self._weights(flat)
+    shape = (-1,) + (1,) * (values.ndim - 1)
+    out = ((1 - frac).reshape(shape) * values[idx]
+           + frac.reshape(shape) * values[hi])
+    if per_step:
+      out = out * scale.reshape(shape)
+    if np.ndim(n) == 0:
+      return out[0]
+    return out.reshape(np.shape(n) + values.shape[1:])
+
   def at(self, concurrency: float | Sequence[float] | np.ndarray
          ) -> tuple[np.ndarray, np.ndarray]:
     """Curves at concurrency n (scalar or `[M]`), see the module docstring.
@@ -94,28 +187,24 @@ class RoutingCurves:
       misses per step `[..., L, E + 1]` and references per step `[..., L]`.
     """
     n = np.asarray(concurrency, np.float64)
-    flat = np.atleast_1d(n)
-    levels = self.concurrency
-    idx = np.clip(np.searchsorted(levels, flat) - 1, 0, levels.size - 1)
-    hi = np.minimum(idx + 1, levels.size - 1)
-    span = np.where(hi > idx, levels[hi] - levels[idx], 1.0)
-    frac = np.clip((flat - levels[idx]) / span, 0.0, 1.0)[:, None]
-    misses = ((1 - frac[..., None]) * self.misses_per_step[idx]
-              + frac[..., None] * self.misses_per_step[hi])
-    refs = (1 - frac) * self.references_per_step[idx] + (
-        frac * self.references_per_step[hi])
-    below = flat < levels[0]
-    scale = np.where(below, flat / levels[0], 1.0)
-    above = flat > levels[-1]
-    grow = union_size(self.num_experts, self.top_k, flat) / union_size(
-        self.num_experts, self.top_k, levels[-1])
-    scale = np.where(above, grow, scale)
-    misses = misses * scale[:, None, None]
-    refs = refs * scale[:, None]
-    if n.ndim == 0:
-      return misses[0], refs[0]
-    return misses.reshape(n.shape + misses.shape[1:]), refs.reshape(
-        n.shape + refs.shape[1:])
+    return (self._blend(self.misses_per_step, n, True),
+            self._blend(self.references_per_step, n, True))
+
+  def at_all(self, concurrency: float | Sequence[float] | np.ndarray
+             ) -> dict[str, np.ndarray | None]:
+    """Every array at concurrency n: `misses`, `references` and the
+    optional fields (`loads_per_step` as `loads`; None where absent)."""
+    n = np.asarray(concurrency, np.float64)
+    misses, refs = self.at(n)
+    out: dict[str, np.ndarray | None] = {"misses": misses,
+                                          "references": refs}
+    for name, per_step in OPTIONAL.items():
+      value = getattr(self, name)
+      key = "loads" if name == "loads_per_step" else name
+      out[key] = None if value is None else self._blend(value, n, per_step)
+    if out["loads"] is None:
+      out["loads"] = misses
+    return out
 
 
 def rebatch(trace: RoutingTrace, batch: int) -> RoutingTrace:
@@ -153,20 +242,35 @@ def rebatch(trace: RoutingTrace, batch: int) -> RoutingTrace:
       source=f"{trace.source} rebatched to {batch}")
 
 
+def steady_mattson(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Steady-state LRU misses and references of `[S, L, E]` needed masks:
+  the steps replayed twice and the second pass counted, so an expert's
+  first use is a miss only if its reuse distance says so.
+
+  Returns:
+    misses `[L, E + 1]` and references `[L]`, totals over the S steps.
+  """
+  once = mrc.mattson(masks)
+  twice = mrc.mattson(np.concatenate([masks, masks]))
+  return (twice.misses - once.misses).astype(np.float64), (
+      once.references.astype(np.float64))
+
+
 def curves_from_trace(trace: RoutingTrace,
                       levels: Sequence[int] | None = None) -> RoutingCurves:
-  """LRU curves of `trace` at several concurrency levels (one mattson each).
+  """LRU curves of `trace` at several concurrency levels (steady state).
 
   Args:
     trace: a routing trace with request ids. A trace with a single request
       id (batched logs without request identity) gives one level: its own
-      steps, at its mean tokens per decode step.
+      steps, at its mean tokens per decode step, and no per-request
+      routing.
     levels: requests per step to measure (default: 1, 2, 4, ... up to the
       number of requests, and that number).
 
   Returns:
     the curves; each level's concurrency is its measured mean tokens per
-    step.
+    step; `routing` holds the trace's requests (two or more).
   """
   num_requests = int(np.unique(trace.request).size)
   if num_requests < 2:
@@ -179,16 +283,20 @@ def curves_from_trace(trace: RoutingTrace,
     traces = [rebatch(trace, int(n)) for n in sorted(set(levels))]
   concurrency, misses, refs = [], [], []
   for t in traces:
-    curve = mrc.mattson(t)
-    concurrency.append(t.num_tokens / max(curve.num_steps, 1))
-    misses.append(curve.misses / max(curve.num_steps, 1))
-    refs.append(curve.references / max(curve.num_steps, 1))
+    masks = t.needed_masks()
+    steps = max(masks.shape[0], 1)
+    level_misses, level_refs = steady_mattson(masks)
+    concurrency.append(t.num_tokens / steps)
+    misses.append(level_misses / steps)
+    refs.append(level_refs / steps)
   # Rebatching at a level above the request count repeats the top level.
   concurrency, keep = np.unique(np.asarray(concurrency), return_index=True)
   return RoutingCurves(
       concurrency=concurrency, misses_per_step=np.stack(misses)[keep],
       references_per_step=np.stack(refs)[keep], top_k=trace.top_k,
-      source=f"{trace.source}; levels {np.round(concurrency, 2).tolist()}")
+      source=f"{trace.source}; levels {np.round(concurrency, 2).tolist()}",
+      routing=(RequestRouting.from_trace(trace) if num_requests >= 2
+               else None))
 
 
 def synthetic_trace(num_layers: int, num_experts: int, top_k: int,

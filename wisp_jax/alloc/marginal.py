@@ -1,29 +1,25 @@
 """Marginal values per byte of expert slots and KV blocks.
 
 Both pools are valued in one currency: seconds of device time saved per
-generated token, per byte of device memory (the derivative of the
-simulator's `J = cycle(n) / n`, `alloc.throughput`).
+output token, per byte of device memory (the derivative of the model's
+`J = step / tokens`, `alloc.throughput`), at a max batch n and a pool of
+b blocks: the batch the pool allows (the KV model's mean batch m, its
+prefill and preemption rates) sets the weights of every slot's value.
 
-Expert slots of layer l at capacity c, with n requests running:
+Expert slots of layer l at capacity c: `layer_seconds(n, b)[l, c]` is the
+layer's transfer time per token (decode loads, prefill loads and the
+decode loads prefills cause by evicting, at batch m). LRU curves have
+cliffs (flat until the working set fits), so one slot's value can be ~0
+just before a large drop. A *slot unit* is therefore the first segment of
+the curve's lower convex hull from the current capacity: the w slots with
+the best average gain per slot (`slot_units`).
 
-  per decode step   (M_l^n(c) - M_l^n(c + 1)) x expert bytes / h2d
-                    = seconds saved per step by one more slot; divided by
-                    the expert's bytes, per byte (`slot_step_savings`);
-  per token         that / n, plus the slot's share of the prefill and
-                    recompute traffic: tau u / E x (n / o + preemptions).
-
-LRU curves have cliffs (flat until the working set fits), so one slot's
-value can be ~0 just before a large drop. A *slot unit* is therefore the
-first segment of the curve's lower convex hull from the current capacity:
-the w slots with the best average gain per slot (`slot_units`); buying it
-slot by slot would never cross the cliff.
-
-KV blocks: with b blocks the engine admits up to min(C, b / held) requests
-and preempts with probability P_full. A *KV unit* is one request's worth
-of blocks (ceil(held_blocks)); its value is J(b) - J(b + unit) per byte,
-from the simulator. Below the demand of C requests it buys admission (a
-bigger batch amortises the dense weights and shares expert loads) and
-fewer preemptions; above it, ~0: a step curve (`kv_value_curve`).
+KV blocks: more blocks raise the batch the pool admits up to n and lower
+preemption. Along b at fixed n the model is piecewise linear in the rates
+(a KV grid), so J is a ratio of linear functions on each grid cell and its
+best average gain from b is reached at a grid point: a *KV unit* is the
+segment from b to the grid point (or the affordable end) with the best
+average gain per byte (`kv_unit`). Above n x the longest request it is 0.
 """
 
 from __future__ import annotations
@@ -39,17 +35,13 @@ from wisp_jax.alloc.workload import Workload
 
 
 def slot_step_savings(workload: Workload, concurrency: int) -> np.ndarray:
-  """`[L, E]` seconds per decode step saved per byte by slot c -> c + 1.
-
-  Column c is the value of the (c+1)-th slot of each layer: the drop of
-  the LRU misses per step x expert bytes / h2d bandwidth, over the
-  expert's bytes.
-  """
+  """`[L, E]` seconds per decode pass saved per byte by slot c -> c + 1
+  (decode loads at batch n, without prefill effects)."""
   t = throughput.tables(workload)
   if not 1 <= concurrency <= workload.concurrency:
     raise ValueError(f"concurrency must lie in [1, C={workload.concurrency}]"
                      f", got {concurrency}.")
-  drop = -np.diff(t.misses[concurrency - 1], axis=1)  # [L, E]
+  drop = -np.diff(t.curves["decode_loads"][concurrency - 1], axis=1)
   return drop * t.tau / workload.expert_bytes
 
 
@@ -61,21 +53,32 @@ class SlotUnits:
     value_per_byte: `[L]` (uniform: `[1]`) seconds per token saved per byte;
       -inf where no slot can be added.
     width: `[L]` (uniform: `[1]`) slots in the unit (per layer).
-    concurrency: the n the values were computed at.
+    concurrency: the max batch n the values were computed at.
   """
   value_per_byte: np.ndarray
   width: np.ndarray
   concurrency: int
 
 
-def _linear_gain(workload: Workload, n: int, kv_blocks: float) -> float:
-  """Misses per cycle that one slot removes from prefill and recompute."""
-  t = throughput.tables(workload)
-  w = workload
-  preempt = float(throughput.full_probability(w, n, kv_blocks)) * n / (
-      w.block_size * w.held_blocks)
-  return (n / w.mean_output * t.prefill_union
-          + preempt * t.recompute_union) / w.model.num_experts
+def hull_units(curves: np.ndarray, caps: np.ndarray, unit_bytes: float,
+               max_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+  """First lower-hull segment of each row of `curves` `[R, E + 1]` from
+  `caps` `[R]`: (best average drop per slot, its width; 0 and -inf where
+  nothing fits)."""
+  rows, width = curves.shape[0], curves.shape[1] - 1
+  steps = np.arange(1, width + 1)
+  target = caps[:, None] + steps[None, :]
+  ok = (target <= width) & (steps[None, :] * unit_bytes <= max_bytes)
+  r = np.arange(rows)
+  gain = curves[r, caps][:, None] - curves[r[:, None],
+                                           np.minimum(target, width)]
+  average = np.where(ok, gain / steps, -np.inf)
+  best = average.max(axis=1)
+  # The hull's first segment: the widest unit with the best average gain.
+  ties = ok & (average >= best[:, None] - 1e-12 * np.abs(best[:, None]))
+  chosen = width - np.argmax(ties[:, ::-1], axis=1)
+  return np.where(np.isfinite(best), best, -np.inf), np.where(
+      np.isfinite(best), chosen, 0)
 
 
 def slot_units(workload: Workload, slots_per_layer: Sequence[int],
@@ -90,45 +93,64 @@ def slot_units(workload: Workload, slots_per_layer: Sequence[int],
     kv_blocks: current KV pool.
     max_bytes: bytes available; units are clipped to fit.
     uniform: one unit = w more slots in every layer (one cap for all).
-    concurrency: n to value at (default: the simulator's best n).
+    concurrency: max batch n to value at (default: the model's best n).
 
   Returns:
     the units.
   """
-  w, t = workload, throughput.tables(workload)
+  w = workload
   caps = np.asarray(slots_per_layer, np.int64)
-  num_layers, num_experts = w.model.num_layers, w.model.num_experts
   n = concurrency or throughput.per_token_seconds(w, caps, kv_blocks)[1]
-  curve = t.misses[n - 1]  # [L, E + 1]
-  lin = _linear_gain(w, n, kv_blocks)
-  width = np.arange(1, num_experts + 1)
+  per_layer, _, _ = throughput.layer_seconds(w, n, kv_blocks)
+  unit_bytes = w.expert_bytes
   if uniform:
     if np.any(caps != caps[0]):
       raise ValueError(f"uniform units need equal slots, got {caps}.")
-    curve = curve.sum(axis=0, keepdims=True)
-    caps, lin, unit_bytes = caps[:1], lin * num_layers, (
-        num_layers * w.expert_bytes)
-  else:
-    unit_bytes = w.expert_bytes
-  target = caps[:, None] + width[None, :]  # [L, E]
-  ok = (target <= num_experts) & (width[None, :] * unit_bytes <= max_bytes)
-  rows = np.arange(caps.size)[:, None]
-  gain = (curve[rows[:, 0], caps][:, None]
-          - curve[rows, np.minimum(target, num_experts)]) + lin * width
-  average = np.where(ok, gain / width, -np.inf)
-  best = average.max(axis=1)
-  # The hull's first segment: the widest unit with the best average gain.
-  ties = ok & (average >= best[:, None] - 1e-12 * np.abs(best[:, None]))
-  chosen = num_experts - np.argmax(ties[:, ::-1], axis=1)
-  chosen = np.where(np.isfinite(best), chosen, 0)
-  value = np.where(np.isfinite(best), best * t.tau / (n * w.expert_bytes),
-                   -np.inf)
-  return SlotUnits(value_per_byte=value, width=chosen, concurrency=n)
+    per_layer = per_layer.sum(axis=0, keepdims=True)
+    caps, unit_bytes = caps[:1], w.model.num_layers * w.expert_bytes
+  best, width = hull_units(per_layer, caps, unit_bytes, max_bytes)
+  return SlotUnits(value_per_byte=best / unit_bytes, width=width,
+                   concurrency=n)
 
 
 def kv_unit_blocks(workload: Workload) -> int:
   """Blocks of one request's worth of KV: ceil(mean blocks held)."""
   return max(1, math.ceil(workload.held_blocks))
+
+
+def fixed_batch_seconds(workload: Workload, slots_per_layer: Sequence[int],
+                        n: int, kv_blocks) -> np.ndarray:
+  """J at max batch n for pool sizes `kv_blocks` `[M]` (inf below the
+  floor)."""
+  caps = np.asarray(slots_per_layer, np.int64)
+  rows = np.arange(caps.size)
+  out = []
+  for b in np.atleast_1d(kv_blocks):
+    if b < workload.floor_blocks:
+      out.append(np.inf)
+      continue
+    per_layer, base, _ = throughput.layer_seconds(workload, n, float(b))
+    out.append(base + per_layer[rows, caps].sum())
+  return np.array(out)
+
+
+def kv_unit(workload: Workload, slots_per_layer: Sequence[int], n: int,
+            kv_blocks: int, max_blocks: int) -> tuple[float, int]:
+  """The KV unit at max batch n: (seconds per token saved per byte, blocks);
+  (0, 0) when no grid point above `kv_blocks` helps or fits."""
+  if max_blocks < 1:
+    return 0.0, 0
+  grid = throughput.tables(workload).kv[n - 1].grid
+  ends = np.unique(np.r_[grid[(grid > kv_blocks) &
+                              (grid <= kv_blocks + max_blocks)],
+                         kv_blocks + max_blocks]).astype(np.int64)
+  now = fixed_batch_seconds(workload, slots_per_layer, n, [kv_blocks])[0]
+  later = fixed_batch_seconds(workload, slots_per_layer, n, ends)
+  value = (now - later) / ((ends - kv_blocks) * workload.block_bytes)
+  best = int(np.argmax(value))
+  if not value[best] > 0:
+    return 0.0, 0
+  return float(value[best]), int(ends[best] - kv_blocks)
 
 
 def kv_value(workload: Workload, slots_per_layer: Sequence[int],
@@ -142,14 +164,15 @@ def kv_value(workload: Workload, slots_per_layer: Sequence[int],
     blocks: the unit (default `kv_unit_blocks`).
 
   Returns:
-    (J(kv_blocks) - J(kv_blocks + blocks)) / (blocks x block bytes), >= 0.
+    (J(kv_blocks) - J(kv_blocks + blocks)) / (blocks x block bytes), >= 0,
+    J at the best max batch of each.
   """
   blocks = kv_unit_blocks(workload) if blocks is None else int(blocks)
   if blocks < 1:
     raise ValueError(f"blocks must be >= 1, got {blocks}.")
   now = throughput.per_token_seconds(workload, slots_per_layer, kv_blocks)[0]
   more = throughput.per_token_seconds(workload, slots_per_layer,
-                                    kv_blocks + blocks)[0]
+                                      kv_blocks + blocks)[0]
   return max(now - more, 0.0) / (blocks * workload.block_bytes)
 
 
@@ -166,13 +189,11 @@ def slot_removal_losses(workload: Workload, slots_per_layer: Sequence[int],
                         ) -> np.ndarray:
   """`[L]` seconds per token lost per byte by removing each layer's last
   slot (+inf where a layer is at top_k)."""
-  w, t = workload, throughput.tables(workload)
+  w = workload
   caps = np.asarray(slots_per_layer, np.int64)
   n = concurrency or throughput.per_token_seconds(w, caps, kv_blocks)[1]
-  curve = t.misses[n - 1]
+  per_layer, _, _ = throughput.layer_seconds(w, n, kv_blocks)
   rows = np.arange(caps.size)
-  below = np.maximum(caps - 1, 0)
-  loss = curve[rows, below] - curve[rows, caps] + _linear_gain(w, n,
-                                                               kv_blocks)
-  loss = loss * t.tau / (n * w.expert_bytes)
+  loss = (per_layer[rows, np.maximum(caps - 1, 0)] - per_layer[rows, caps]
+          ) / w.expert_bytes
   return np.where(caps > w.model.top_k, loss, np.inf)

@@ -1,35 +1,37 @@
-"""Predicted serving throughput of a split of device memory (the simulator).
+"""Predicted serving throughput of a split of device memory (the model).
 
 Device memory = dense weights + workspace + expert slots + KV blocks. The
 *pageable* bytes (budget - dense - workspace) are split between
 `slots_per_layer[l]` experts per layer and `kv_blocks` KV blocks.
 
-Steady state with n requests running (n <= C, n x held_blocks <= kv_blocks;
-the engine runs the n that maximises throughput, i.e. its max batch is
-configured), one decode *cycle* (one token for each running request) takes
+The engine serves a closed loop of C requests (the workload's
+concurrency) with a max batch n <= C (the configurator picks n with the
+split). Per engine step, in steady state:
 
-  cycle(n) = t_dec(n) + (n / o) t_pre + r(n) t_rec
+  KV        `alloc.kv`: the scheduler's admission, block growth and
+            preemption rules replayed on the workload's length samples
+            give, for (n, b blocks), the mean batch m, decode passes d,
+            prefill passes q (new and recomputed), preemptions, blocks in
+            use, mean decode context and output tokens T per step.
+            Closed form where n requests of the longest length fit; a
+            grid of b in between, interpolated linearly (`KV_GRID`).
+  experts   per layer l at capacity c_l, at batch m (curves at every
+            integer level, interpolated in m):
+              decode loads   D_l(c_l)                       per decode pass
+              prefill loads  P_l(c_l)                       per prefill pass
+              eviction       V_l(c_l): decode loads a prefill pass adds
+            measured in the engine's own pass order (`alloc.steady`);
+            curves without prefill data charge a prompt of p tokens
+            u(p) (1 - c/E) loads per layer (uniform routing, no eviction).
+  time      base = d x step_cost(decode, m rows, mean context)
+                   + sum over prefills of step_cost(prefill, its context)
+            step = base + tau (d sum_l D_l + q sum_l (P_l + V_l))
+            tau = expert bytes / host-to-device bandwidth (transfers are
+            not overlapped, as in `sim.cost`).
 
-  t_dec(n) = step_cost(decode, batch n, misses=0)   # compute/HBM, overhead
-             + tau sum_l M_l^n(c_l)                 # LRU misses of layer l
-  t_pre    = mean over prompts p of step_cost(prefill of p, misses=0)
-             + tau u(p) sum_l (1 - c_l / E)         # prompt's experts
-  t_rec    = the same prefill cost for the mean decode context
-  r(n)     = P_full(n) n / (BS held_blocks)         # preemptions per step
-  P_full   = P(n requests hold more than kv_blocks),
-             normal approx.: mean n held, std sqrt(n) held_std
-
-where tau = expert bytes / host-to-device bandwidth (cost.step_cost's
-transfer term, which is additive: transfers are not overlapped), M_l^n the
-workload's LRU misses per step at concurrency n, o the mean output length
-(n / o requests finish and are prefilled per step: Little's law), u(p) the
-expected distinct experts of p tokens per layer. Prefill streams the experts
-its slots do not hold and does not evict the decode working set (a cache
-hit rate of c / E for the prompt's experts). A preempted request is
-recomputed with one prefill of its context.
-
-Throughput = n / cycle(n) output tokens per second; `J = cycle / n` is the
-time per output token, the currency of the marginal values.
+Throughput = T / step output tokens per second; `J = step / T` is the time
+per output token, the currency of the marginal values. The split's value
+is the best n: `per_token_seconds` minimises J over n = 1..C.
 """
 
 from __future__ import annotations
@@ -41,11 +43,18 @@ from typing import Sequence
 
 import numpy as np
 
-from wisp_jax.alloc.curves import union_size
+from wisp_jax.alloc import kv as kv_model
+from wisp_jax.alloc.curves import RoutingCurves, union_size
 from wisp_jax.alloc.split import BudgetError, Split
+from wisp_jax.alloc.steady import engine_curves
 from wisp_jax.alloc.workload import Workload
 from wisp_jax.paging.pager import check_capacity
 from wisp_jax.sim import cost
+
+KV_GRID = 12  # simulated pool sizes per max batch where the pool can bind
+STATS = ("batch", "decodes", "new_prefills", "recompute_prefills",
+         "prefill_tokens", "preemptions", "blocks_in_use", "context",
+         "tokens", "base_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +88,7 @@ class Budget:
           f"budget {self.total_bytes} bytes ({self.total_bytes / 2**30:.3f} "
           f"GiB) cannot serve {w.model.name}: dense weights "
           f"{w.dense_bytes} + workspace {self.workspace_bytes} + KV floor "
-          f"{w.floor_blocks} blocks x {w.block_bytes} = {floor} (" 
+          f"{w.floor_blocks} blocks x {w.block_bytes} = {floor} ("
           f"{w.min_concurrency} request(s) of {w.max_len} tokens) + top_k "
           f"slots {w.model.num_layers} layers x {w.model.top_k} x "
           f"{w.expert_bytes} = {slots * w.expert_bytes} = {need} bytes ("
@@ -126,179 +135,336 @@ class Budget:
 
 
 @dataclasses.dataclass(frozen=True)
+class KVTable:
+  """The KV model of one max batch n.
+
+  Attributes:
+    grid: `[G]` pool sizes, increasing, the last = `top` (n x the longest
+      request: from there on the pool never binds).
+    stats: `[G, len(STATS)]` the rates of `STATS` at each grid point.
+  """
+  grid: np.ndarray
+  stats: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class Tables:
-  """Per-workload constants of the simulator (see the module docstring).
+  """Per-workload constants of the model (see the module docstring).
 
   Attributes:
     tau: seconds to page in one expert.
-    n: `[C]` concurrencies 1..C.
-    base_decode: `[C]` decode step seconds without transfers.
-    misses: `[C, L, E + 1]` LRU misses per step at each n and capacity.
-    base_prefill: mean prefill seconds without transfers.
-    prefill_union: mean distinct experts per layer of a prompt.
-    base_recompute: prefill seconds of the mean decode context.
-    recompute_union: distinct experts per layer of that context.
+    curves: `{name: [C, L, E + 1]}` per level n = 1..C: `decode_loads`,
+      `decode_misses`, `prefill_loads`, `prefill_misses`,
+      `eviction_loads`, `eviction_misses`; and `[C, L]` `decode_refs`,
+      `prefill_refs`.
+    measured_prefill: whether prefill passes were measured (else uniform
+      routing fills them in).
+    kv: `[C]` KVTable per max batch n = 1..C.
+    longest: blocks of the longest request (the engine's positions).
   """
   tau: float
-  n: np.ndarray
-  base_decode: np.ndarray
-  misses: np.ndarray
-  base_prefill: float
-  prefill_union: float
-  base_recompute: float
-  recompute_union: float
+  curves: dict
+  measured_prefill: bool
+  kv: list
+  longest: int
 
 
 _TABLES: "weakref.WeakKeyDictionary[Workload, Tables]" = (
     weakref.WeakKeyDictionary())
 
 
+def _level_curves(w: Workload) -> tuple[dict, bool]:
+  """Every curve at levels 1..C (measured in engine order if possible)."""
+  m = w.model
+  levels = np.arange(1, w.concurrency + 1)
+  curves = w.curves
+  if curves.routing is not None:
+    measured = engine_curves(curves.routing, w.prompt_lens, w.output_lens,
+                             levels, seed=0)
+    curves = RoutingCurves.from_engine(measured, m.top_k,
+                                       f"{curves.source}; engine order")
+  at = curves.at_all(levels.astype(np.float64))
+  out = {"decode_misses": at["misses"], "decode_loads": at["loads"],
+         "decode_refs": at["references"]}
+  if curves.has_prefill:
+    for name in ("prefill_misses", "prefill_loads", "eviction_misses",
+                 "eviction_loads"):
+      out[name] = at[name]
+    out["prefill_refs"] = at["prefill_references"]
+    return out, True
+  # A prompt routes uniformly; a slot holds it with probability c / E.
+  union = float(np.mean(union_size(m.num_experts, m.top_k, w.prompt_lens)))
+  caps = np.arange(m.num_experts + 1)
+  shape = (levels.size, m.num_layers, m.num_experts + 1)
+  prefill = np.broadcast_to(union * (1 - caps / m.num_experts), shape)
+  out["prefill_misses"] = out["prefill_loads"] = prefill.copy()
+  out["eviction_misses"] = out["eviction_loads"] = np.zeros(shape)
+  out["prefill_refs"] = np.full(shape[:2], union)
+  return out, False
+
+
+def _step_cost(w: Workload, batch: int, context: float, phase: str,
+               needed: float) -> float:
+  m = w.model
+  return cost.step_cost(
+      m, w.hardware, batch=int(batch), context_len=max(int(round(context)),
+                                                       1),
+      mode="paged", phase=phase, misses=0, needed_experts=int(min(
+          round(needed), m.num_layers * m.num_experts)),
+      bytes_per_param=w.bytes_per_param,
+      kv_bytes_per_value=w.kv_width).total_s
+
+
+def prefill_costs(w: Workload) -> np.ndarray:
+  """`[max_len + 1]` seconds of one prefill pass by context length."""
+  m = w.model
+  lengths = np.arange(int((w.prompt_lens + w.output_lens).max()) + 1)
+  unions = m.num_layers * union_size(m.num_experts, m.top_k, lengths)
+  return np.array([_step_cost(w, 1, max(n, 1), "prefill", u)
+                   for n, u in zip(lengths, unions)])
+
+
+def _decode_base(w: Workload, curves: dict, batch: np.ndarray,
+                 context: np.ndarray) -> np.ndarray:
+  """Decode seconds without transfers at a (fractional) mean batch."""
+  out = []
+  refs = curves["decode_refs"].sum(axis=1)  # [C]
+  for b, ctx in zip(np.atleast_1d(batch), np.atleast_1d(context)):
+    lo = int(np.clip(math.floor(b), 1, refs.size))
+    hi = min(lo + 1, refs.size)
+    frac = float(np.clip(b - lo, 0.0, 1.0)) if hi > lo else 0.0
+    out.append((1 - frac) * _step_cost(w, lo, ctx, "decode", refs[lo - 1])
+               + frac * _step_cost(w, hi, ctx, "decode", refs[hi - 1]))
+  return np.array(out)
+
+
+def _stat_matrix(w: Workload, curves: dict, stats: kv_model.KVStats
+                 ) -> np.ndarray:
+  base = stats.decodes * _decode_base(w, curves, stats.batch, stats.context)
+  columns = {name: getattr(stats, name) for name in STATS[:-1]}
+  columns["base_seconds"] = base + stats.prefill_seconds
+  return np.stack([columns[name] for name in STATS], axis=1)
+
+
 def tables(workload: Workload) -> Tables:
-  """The simulator's constants for `workload` (computed once, cached)."""
+  """The model's constants for `workload` (computed once, cached)."""
   if workload in _TABLES:
     return _TABLES[workload]
-  w, m = workload, workload.model
-  hw, bpp = w.hardware, w.bytes_per_param
-  n = np.arange(1, w.concurrency + 1)
-  misses, refs = w.curves.at(n)
-  ctx = int(round(w.mean_context))
-
-  def base(batch, context, phase, needed):
-    return cost.step_cost(
-        m, hw, batch=int(batch), context_len=int(context), mode="paged",
-        phase=phase, misses=0, needed_experts=int(min(
-            round(needed), m.num_layers * m.num_experts)),
-        bytes_per_param=bpp, kv_bytes_per_value=w.kv_width).total_s
-
-  base_decode = np.array([base(b, ctx, "decode", r.sum())
-                          for b, r in zip(n, refs)])
-  prompts, counts = np.unique(w.prompt_lens, return_counts=True)
-  unions = union_size(m.num_experts, m.top_k, prompts)
-  base_prefill = float(np.average(
-      [base(1, p, "prefill", m.num_layers * u)
-       for p, u in zip(prompts, unions)], weights=counts))
-  rec_union = float(union_size(m.num_experts, m.top_k, ctx))
-  out = Tables(
-      tau=w.expert_bytes / hw.h2d_bytes_per_s, n=n,
-      base_decode=base_decode, misses=misses, base_prefill=base_prefill,
-      prefill_union=float(np.average(unions, weights=counts)),
-      base_recompute=base(1, max(ctx, 1), "prefill",
-                          m.num_layers * rec_union),
-      recompute_union=rec_union)
+  w = workload
+  curves, measured = _level_curves(w)
+  bs, c = w.block_size, w.concurrency
+  longest = int(kv_model.blocks_needed(w.prompt_lens, w.output_lens,
+                                       bs).max())
+  pcost = prefill_costs(w)
+  ns = np.arange(1, c + 1)
+  free = _stat_matrix(w, curves, kv_model.unconstrained(
+      w.prompt_lens, w.output_lens, bs, ns, pcost))
+  grids, sim_n, sim_b = [], [], []
+  for n in ns:
+    top = max(int(n * longest), w.floor_blocks)
+    grid = np.unique(np.linspace(w.floor_blocks, top, KV_GRID + 1).round()
+                     .astype(np.int64))
+    grid = grid[(grid >= w.floor_blocks) & (grid < top)]
+    grids.append(np.r_[grid, top])
+    sim_n += [n] * grid.size
+    sim_b += grid.tolist()
+  sim = None
+  if sim_n:
+    sim = _stat_matrix(w, curves, kv_model.simulate(
+        w.prompt_lens, w.output_lens, bs, c, sim_n, sim_b, seed=0,
+        prefill_cost=pcost))
+  kv, row = [], 0
+  for i, grid in enumerate(grids):
+    count = grid.size - 1
+    rows = sim[row:row + count] if count else np.zeros((0, len(STATS)))
+    row += count
+    kv.append(KVTable(grid=grid.astype(np.float64),
+                      stats=np.vstack([rows, free[i]])))
+  out = Tables(tau=w.expert_bytes / w.hardware.h2d_bytes_per_s,
+               curves=curves, measured_prefill=measured, kv=kv,
+               longest=longest)
   _TABLES[workload] = out
   return out
 
 
-def full_probability(workload: Workload, n: np.ndarray, kv_blocks: float
-                     ) -> np.ndarray:
-  """P(n running requests need more than kv_blocks).
-
-  Normal approximation of the sum of n requests' blocks (mean n held, std
-  sqrt(n) held_std); exactly 0 when n longest requests fit.
-  """
-  n = np.asarray(n, np.float64)
-  mean = n * workload.held_blocks
-  std = np.sqrt(n) * workload.held_blocks_std
-  slack = kv_blocks - mean
-  with np.errstate(divide="ignore", invalid="ignore"):
-    z = np.where(std > 0, slack / np.maximum(std, 1e-12),
-                 np.where(slack >= 0, np.inf, -np.inf))
-  prob = 0.5 * np.vectorize(math.erfc, otypes=[np.float64])(
-      z / math.sqrt(2.0))
-  # n requests of the longest length always fit: no overflow at all.
-  longest = -(-workload.max_len // workload.block_size)
-  return np.where(kv_blocks >= n * longest, 0.0, prob)
+def operating_point(workload: Workload, n: int, kv_blocks
+                    ) -> dict[str, np.ndarray]:
+  """The KV model's rates at max batch n for pool sizes `kv_blocks`
+  (scalar or array); NaN below the floor."""
+  t = tables(workload)
+  table = t.kv[int(n) - 1]
+  b = np.asarray(kv_blocks, np.float64)
+  flat = np.atleast_1d(b)
+  out = np.empty((flat.size, len(STATS)))
+  for j in range(len(STATS)):
+    out[:, j] = np.interp(flat, table.grid, table.stats[:, j])
+  out[flat < workload.floor_blocks] = np.nan
+  result = {name: out[:, j] for j, name in enumerate(STATS)}
+  if b.ndim == 0:
+    result = {k: v[0] for k, v in result.items()}
+  return result
 
 
-def cycle_seconds(workload: Workload, n: np.ndarray, kv_blocks: np.ndarray,
-                  decode_misses: np.ndarray, total_slots: np.ndarray
-                  ) -> np.ndarray:
-  """Seconds of one decode cycle (one token per running request).
+def level_weights(workload: Workload, batch) -> tuple[np.ndarray, ...]:
+  """Integer levels (0-based) and weights that interpolate curves at a
+  mean batch: value = (1 - f) X[lo] + f X[hi]."""
+  c = workload.concurrency
+  b = np.clip(np.asarray(batch, np.float64), 1.0, c)
+  lo = np.floor(b).astype(np.int64)
+  hi = np.minimum(lo + 1, c)
+  frac = np.where(hi > lo, b - lo, 0.0)
+  return lo - 1, hi - 1, frac
 
-  Args broadcast against each other:
-    n: running requests (ints in 1..C).
-    kv_blocks: KV pool size.
-    decode_misses: LRU misses per decode step, summed over layers, at n.
-    total_slots: slots summed over layers.
+
+_LAYERS: "weakref.WeakKeyDictionary[Workload, dict]" = (
+    weakref.WeakKeyDictionary())
+
+
+def layer_seconds(workload: Workload, n: int, kv_blocks: float
+                  ) -> tuple[np.ndarray, float, float]:
+  """Per-layer transfer seconds per output token at (n, b), by capacity.
 
   Returns:
-    cycle(n) of the module docstring; +inf where n x held > kv_blocks.
+    `[L, E + 1]` seconds per token of layer l at capacity c, the base
+    (non-transfer) seconds per token, and tokens per step (cached; do not
+    modify the array).
   """
-  w, t = workload, tables(workload)
-  n = np.asarray(n)
-  kv = np.asarray(kv_blocks, np.float64)
-  uncached = w.model.num_layers - np.asarray(total_slots) / (
-      w.model.num_experts)
-  t_dec = t.base_decode[n - 1] + t.tau * decode_misses
-  t_pre = t.base_prefill + t.tau * t.prefill_union * uncached
-  t_rec = t.base_recompute + t.tau * t.recompute_union * uncached
-  preempt = full_probability(w, n, kv) * n / (w.block_size * w.held_blocks)
-  cycle = t_dec + n / w.mean_output * t_pre + preempt * t_rec
-  return np.where(n * w.held_blocks <= kv + 1e-9, cycle, np.inf)
+  cache = _LAYERS.setdefault(workload, {})
+  key = (int(n), float(kv_blocks))
+  if key not in cache:
+    cache[key] = _layer_seconds(workload, n, kv_blocks)
+  return cache[key]
 
 
-def decode_misses(workload: Workload, slots_per_layer: Sequence[int]
-                  ) -> np.ndarray:
-  """`[C]` LRU misses per decode step, summed over layers, at n = 1..C."""
+def _layer_seconds(workload: Workload, n: int, kv_blocks: float
+                   ) -> tuple[np.ndarray, float, float]:
   t = tables(workload)
+  op = operating_point(workload, n, kv_blocks)
+  lo, hi, frac = level_weights(workload, op["batch"])
+  prefills = op["new_prefills"] + op["recompute_prefills"]
+  cv = t.curves
+
+  def at(name):
+    return (1 - frac) * cv[name][lo] + frac * cv[name][hi]
+
+  loads = op["decodes"] * at("decode_loads") + prefills * (
+      at("prefill_loads") + at("eviction_loads"))
+  return (t.tau * loads / op["tokens"],
+          float(op["base_seconds"] / op["tokens"]), float(op["tokens"]))
+
+
+def per_token_seconds(workload: Workload, slots_per_layer: Sequence[int],
+                      kv_blocks: float, max_batch: int | None = None
+                      ) -> tuple[float, int]:
+  """min over n <= max_batch (default C) of J, and the best n."""
   caps = np.asarray(slots_per_layer, np.int64)
-  return t.misses[:, np.arange(caps.size), caps].sum(axis=1)
+  rows = np.arange(caps.size)
+  best = (np.inf, 1)
+  for n in range(1, (max_batch or workload.concurrency) + 1):
+    if kv_blocks < workload.floor_blocks:
+      break
+    per_layer, base, _ = layer_seconds(workload, n, kv_blocks)
+    value = float(base + per_layer[rows, caps].sum())
+    if value < best[0]:
+      best = (value, n)
+  return best
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-  """The simulator's view of one split.
+  """The model's view of one split at its best max batch.
 
   Attributes:
     tokens_per_s: output tokens per second.
-    concurrency: running requests n the engine settles on.
-    seconds_per_token: cycle(n) / n.
-    decode_step_s: t_dec(n).
-    decode_misses_per_step: experts paged per decode step.
-    full_probability: P_full at n.
-    kv_limited_concurrency: the most requests the KV pool admits (<= C).
+    concurrency: the max batch n the engine is configured with.
+    batch: mean rows of a decode pass.
+    seconds_per_token: J.
+    step_seconds: seconds per engine step.
+    decode_step_s: one decode pass, transfers included.
+    decode_misses_per_step: expert misses per decode pass (prefill
+      eviction included).
+    decode_loads_per_step: expert copies per decode pass.
+    prefill_loads_per_prefill: expert copies per prefill pass.
+    prefills_per_step: prefill passes per step (new and recomputed).
+    preemptions_per_step: requests preempted per step.
+    kv_blocks_in_use: blocks held at the end of a step.
+    decode_context: mean key positions per decode row.
+    tokens_per_step: output tokens per step.
+    kv_limited_concurrency: the most requests the pool holds at their
+      mean size (<= C).
   """
   tokens_per_s: float
   concurrency: int
+  batch: float
   seconds_per_token: float
+  step_seconds: float
   decode_step_s: float
   decode_misses_per_step: float
-  full_probability: float
+  decode_loads_per_step: float
+  prefill_loads_per_prefill: float
+  prefills_per_step: float
+  preemptions_per_step: float
+  kv_blocks_in_use: float
+  decode_context: float
+  tokens_per_step: float
   kv_limited_concurrency: int
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
 
-def per_token_seconds(workload: Workload, slots_per_layer: Sequence[int],
-                      kv_blocks: float) -> tuple[float, int]:
-  """min over n of cycle(n) / n, and the best n."""
-  t = tables(workload)
-  misses = decode_misses(workload, slots_per_layer)
-  per_token = cycle_seconds(workload, t.n, kv_blocks, misses,
-                            int(np.sum(slots_per_layer))) / t.n
-  best = int(np.argmin(per_token))
-  return float(per_token[best]), best + 1
+def prediction(workload: Workload, split: Split,
+               max_batch: int | None = None, fixed: bool = False
+               ) -> Prediction:
+  """Detailed prediction for `split` (no budget check; see Budget).
 
+  Args:
+    workload: the workload.
+    split: the split.
+    max_batch: the engine's max batch (default: the best n <= C).
+    fixed: use `max_batch` itself instead of the best n below it.
+  """
+  w, t = workload, tables(workload)
+  if split.kv_blocks < w.floor_blocks:
+    raise BudgetError(f"kv_blocks={split.kv_blocks} is below the floor "
+                      f"{w.floor_blocks} blocks.")
+  caps = np.asarray(split.slots_per_layer, np.int64)
+  rows = np.arange(caps.size)
+  if fixed and max_batch:
+    n = int(max_batch)
+  else:
+    _, n = per_token_seconds(w, caps, split.kv_blocks, max_batch)
+  op = operating_point(w, n, split.kv_blocks)
+  lo, hi, frac = level_weights(w, op["batch"])
+  cv = t.curves
 
-def prediction(workload: Workload, split: Split) -> Prediction:
-  """Detailed prediction for `split` (no budget check; see Budget)."""
-  t = tables(workload)
-  if split.kv_blocks < workload.held_blocks:
-    raise BudgetError(f"kv_blocks={split.kv_blocks} cannot hold one request"
-                      f" (mean {workload.held_blocks:.1f} blocks).")
-  per_token, n = per_token_seconds(workload, split.slots_per_layer,
-                                   split.kv_blocks)
-  misses = decode_misses(workload, split.slots_per_layer)[n - 1]
+  def total(name):
+    return float(((1 - frac) * cv[name][lo] + frac * cv[name][hi])[
+        rows, caps].sum())
+
+  prefills = float(op["new_prefills"] + op["recompute_prefills"])
+  per_decode = prefills / max(float(op["decodes"]), 1e-12)
+  decode_loads = total("decode_loads") + per_decode * total("eviction_loads")
+  decode_misses = total("decode_misses") + per_decode * total(
+      "eviction_misses")
+  prefill_loads = total("prefill_loads")
+  step = float(op["base_seconds"]) + t.tau * (
+      float(op["decodes"]) * decode_loads + prefills * prefill_loads)
+  base_decode = float(_decode_base(w, cv, np.array([op["batch"]]),
+                                   np.array([op["context"]]))[0])
+  tokens = float(op["tokens"])
   return Prediction(
-      tokens_per_s=1.0 / per_token, concurrency=n,
-      seconds_per_token=per_token,
-      decode_step_s=float(t.base_decode[n - 1] + t.tau * misses),
-      decode_misses_per_step=float(misses),
-      full_probability=float(full_probability(workload, n,
-                                              split.kv_blocks)),
-      kv_limited_concurrency=int(min(workload.concurrency, split.kv_blocks
-                                     // workload.held_blocks)))
+      tokens_per_s=tokens / step, concurrency=n, batch=float(op["batch"]),
+      seconds_per_token=step / tokens, step_seconds=step,
+      decode_step_s=base_decode + t.tau * decode_loads,
+      decode_misses_per_step=decode_misses,
+      decode_loads_per_step=decode_loads,
+      prefill_loads_per_prefill=prefill_loads, prefills_per_step=prefills,
+      preemptions_per_step=float(op["preemptions"]),
+      kv_blocks_in_use=float(op["blocks_in_use"]),
+      decode_context=float(op["context"]), tokens_per_step=tokens,
+      kv_limited_concurrency=int(min(w.concurrency,
+                                     split.kv_blocks // w.held_blocks)))
 
 
 def predict(workload: Workload, split: Split) -> float:

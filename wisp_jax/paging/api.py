@@ -13,8 +13,12 @@ from wisp_jax.models.config import MoEConfig
 from wisp_jax.models.experts import SourceSpec
 from wisp_jax.paging import bank as bank_lib
 from wisp_jax.paging import pager
+from wisp_jax.paging import predictors
 from wisp_jax.paging.policies import get_policy, most_used
-from wisp_jax.paging.sources import SOURCES, StaticOffloadSpec, spec_for
+from wisp_jax.paging.sources import (SOURCES, PagedArrays, StaticOffloadSpec,
+                                     spec_for)
+
+PREFETCH_OPTIONS = ("size", "limit")
 
 
 @dataclasses.dataclass
@@ -31,6 +35,11 @@ class ExpertStats:
     per_pass_loads: `[passes, L]` loads of each forward pass (prefill first).
     per_pass_hits: `[passes, L]`.
     per_pass_misses: `[passes, L]`.
+    prefetch_loads: `[L]` experts copied by prefetches (not in `loads`;
+      zeros without prefetch).
+    useful_prefetches: `[L]` prefetched experts needed before eviction.
+    wasted_prefetches: `[L]` prefetched experts evicted unused (the rest of
+      `prefetch_loads` is still resident, unused, at the end).
   """
   source: str
   hits: np.ndarray
@@ -40,6 +49,14 @@ class ExpertStats:
   per_pass_loads: np.ndarray
   per_pass_hits: np.ndarray
   per_pass_misses: np.ndarray
+  prefetch_loads: np.ndarray | None = None
+  useful_prefetches: np.ndarray | None = None
+  wasted_prefetches: np.ndarray | None = None
+
+  def __post_init__(self):
+    for name in ("prefetch_loads", "useful_prefetches", "wasted_prefetches"):
+      if getattr(self, name) is None:
+        setattr(self, name, np.zeros_like(self.loads))
 
   @property
   def hit_rate(self) -> float:
@@ -48,28 +65,40 @@ class ExpertStats:
 
   @property
   def bytes_moved(self) -> int:
-    return int(self.loads.astype(np.int64).sum()) * self.bytes_per_expert
+    """All host-to-device expert bytes: demand loads and prefetches."""
+    copies = self.loads.astype(np.int64).sum() + self.prefetch_loads.astype(
+        np.int64).sum()
+    return int(copies) * self.bytes_per_expert
 
   @property
   def bytes_per_layer(self) -> np.ndarray:
-    return self.loads.astype(np.int64) * self.bytes_per_expert
+    return (self.loads.astype(np.int64) + self.prefetch_loads.astype(
+        np.int64)) * self.bytes_per_expert
 
   def summary(self) -> dict:
     return {"source": self.source, "hit_rate": self.hit_rate,
             "hits": int(self.hits.sum()), "misses": int(self.misses.sum()),
-            "loads": int(self.loads.sum()), "bytes_moved": self.bytes_moved}
+            "loads": int(self.loads.sum()), "bytes_moved": self.bytes_moved,
+            "prefetch_loads": int(self.prefetch_loads.sum()),
+            "useful_prefetches": int(self.useful_prefetches.sum()),
+            "wasted_prefetches": int(self.wasted_prefetches.sum())}
 
 
-def stats_from_counters(source: str, counters: Sequence, bytes_per_expert: int
-                        ) -> ExpertStats:
+def stats_from_counters(source: str, counters: Sequence, bytes_per_expert: int,
+                        prefetch_counters=None) -> ExpertStats:
   """Builds stats from cumulative `[3, L]` (hits, misses, loads) counters
-  taken after each pass."""
+  taken after each pass, and the final `[3, L]` (prefetch loads, useful,
+  wasted) counters of a prefetching pager."""
   cum = np.stack(counters).astype(np.int64)  # [P, 3, L]
   per_pass = np.diff(cum, axis=0, prepend=0)
+  prefetch = ([None] * 3 if prefetch_counters is None else
+              [np.asarray(c, np.int64) for c in prefetch_counters])
   return ExpertStats(source=source, hits=cum[-1, 0], misses=cum[-1, 1],
                      loads=cum[-1, 2], bytes_per_expert=bytes_per_expert,
                      per_pass_hits=per_pass[:, 0], per_pass_misses=per_pass[:, 1],
-                     per_pass_loads=per_pass[:, 2])
+                     per_pass_loads=per_pass[:, 2], prefetch_loads=prefetch[0],
+                     useful_prefetches=prefetch[1],
+                     wasted_prefetches=prefetch[2])
 
 
 def hot_set_from_routing(routing_ids: Sequence[np.ndarray], num_experts: int,
@@ -106,7 +135,9 @@ def validate_slots(config: MoEConfig, slots_per_layer) -> np.ndarray:
 def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
                 slots_per_layer=None, policy: str = "lru",
                 policy_options: dict | None = None, hot_set=None,
-                num_slots: int | None = None) -> tuple[SourceSpec, Any, Any]:
+                num_slots: int | None = None, prefetch: str | None = None,
+                prefetch_options: dict | None = None, router=None
+                ) -> tuple[SourceSpec, Any, Any]:
   """Validates the request and builds (spec, arrays, carry) for a step.
 
   Args:
@@ -125,6 +156,14 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
     num_slots: slot rows per layer in the device buffer (default: the
       largest capacity). A larger buffer lets capacities change without
       recompiling; rows beyond a layer's capacity stay unused.
+    prefetch: a predictor (`cooccur`, `temporal`, `gate`; paged only) whose
+      predicted experts are copied ahead of need; None for no prefetch.
+    prefetch_options: `{"size": m, "limit": c}`: predicted set and most
+      prefetch copies per layer and step (default -1: the layer's needed
+      set size if below the capacity, else capacity - 1; and `size`).
+    router: `[L, D, E]` router weights of the model (the decoder's
+      `layers.router`), needed by prefetch `gate` and by a policy that
+      ranks by gate weights (`lrfu_gate`).
   """
   if experts not in SOURCES:
     raise ValueError(f"Unknown expert source {experts!r}; known sources: "
@@ -142,6 +181,9 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
     spec = StaticOffloadSpec(experts, int(kept.min()))
     return (spec, spec.init_arrays(bank, kept),
             spec.init_carry(config.num_layers))
+  if experts != "paged" and (prefetch or prefetch_options):
+    raise ValueError(f"prefetch is a feature of experts='paged', not "
+                     f"{experts!r}.")
   if experts != "paged":
     spec = spec_for(experts)
     if experts == "resident":  # device experts, read as stored bits
@@ -169,5 +211,39 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
     if hot_set.ndim == 2 and hot_set.shape[1] < num_slots:
       hot_set = np.pad(hot_set, ((0, 0), (0, num_slots - hot_set.shape[1])),
                        constant_values=-1)
-  spec = spec_for("paged", policy, options)
-  return spec, bank, spec.init_carry(bank, num_slots, capacity, hot_set)
+  prefetch = prefetch or ""
+  if prefetch and prefetch not in predictors.LIVE_PREDICTORS:
+    raise ValueError(
+        f"prefetch={prefetch!r} is not a live predictor; use one of "
+        f"{', '.join(predictors.LIVE_PREDICTORS)} (others, such as 'oracle', "
+        "run in trace replay: wisp_jax.sim.prefetch).")
+  if prefetch and not rule.evicts:
+    raise ValueError(f"policy {policy!r} never changes its slots; prefetch "
+                     "needs an evicting policy.")
+  pf_options = dict(prefetch_options or {})
+  unknown = sorted(set(pf_options) - set(PREFETCH_OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown prefetch_options {unknown}; known: "
+                     f"{list(PREFETCH_OPTIONS)}.")
+  for key, value in pf_options.items():
+    if int(value) != value or value < -1:
+      raise ValueError(f"prefetch_options[{key!r}] must be an int >= 0 (or -1"
+                       f" for the default), got {value!r}.")
+  spec = spec_for("paged", policy, options, prefetch=prefetch,
+                  prefetch_options=tuple(sorted(
+                      (k, int(v)) for k, v in pf_options.items())),
+                  top_k=config.top_k, norm_topk_prob=config.norm_topk_prob)
+  arrays = bank
+  if spec.needs_router:
+    if router is None:
+      raise ValueError(
+          f"policy {policy!r} / prefetch {prefetch!r} recompute routing and "
+          "need the model's routers: pass router=model.decoder.layers.router"
+          "[...] ([L, D, E]); generate does.")
+    router = jax.device_put(router)
+    want = (config.num_layers, config.d_model, config.num_experts)
+    if router.shape != want:
+      raise ValueError(f"router must have shape {want} ([L, D, E]), got "
+                       f"{router.shape}.")
+    arrays = PagedArrays(bank=bank, router=router)
+  return spec, arrays, spec.init_carry(bank, num_slots, capacity, hot_set)

@@ -16,6 +16,16 @@ Semantics of a step in layer l (needed set U, capacity c):
     served first (already resident ones first), in groups that fit through
     the same slots. Every copy is counted in `loads` (>= misses: the
     overflow's extra traffic).
+
+Prefetch (`prefetch_layer`): between steps, or between layers of a step,
+copies a predicted set of experts into a layer's free or evictable slots.
+A prefetch never evicts an expert it protects (the current step's needed
+set of that layer when known, the predicted set itself, and earlier
+prefetches not yet used) and never touches the demand counters: its copies
+count in `prefetch_loads`; a prefetched expert that a later step needs
+before it is evicted is a hit (as any resident) and counts once in
+`useful`; one evicted unused counts in `wasted`. Outputs do not depend on
+it (the expert computation reads whatever slot holds the expert).
 """
 
 from __future__ import annotations
@@ -43,8 +53,14 @@ class PagerState:
     policy_state: the policy's pytree, leaves `[L, E]`.
     hits: `[L]` int32 needed experts found resident (cumulative).
     misses: `[L]` int32 needed experts not resident (cumulative).
-    loads: `[L]` int32 experts copied host -> device (cumulative).
+    loads: `[L]` int32 experts copied host -> device on demand
+      (cumulative; prefetch copies are not in it).
     tick: `[]` int32 step counter, +1 per forward pass.
+    prefetched: `[L, E]` bool, resident experts brought in by a prefetch
+      and not needed since.
+    prefetch_loads: `[L]` int32 experts copied by prefetches (cumulative).
+    useful: `[L]` int32 prefetched experts needed before eviction.
+    wasted: `[L]` int32 prefetched experts evicted unused.
   """
   slot_of_expert: jax.Array
   expert_in_slot: jax.Array
@@ -54,11 +70,18 @@ class PagerState:
   misses: jax.Array
   loads: jax.Array
   tick: jax.Array
+  prefetched: jax.Array | None = None
+  prefetch_loads: jax.Array | None = None
+  useful: jax.Array | None = None
+  wasted: jax.Array | None = None
 
 
 @struct.dataclass
 class LayerState:
-  """One layer's slice of `PagerState` (same fields without the `[L]`)."""
+  """One layer's slice of `PagerState` (same fields without the `[L]`).
+
+  The prefetch fields may be None (planning without prefetch tracking).
+  """
   slot_of_expert: jax.Array
   expert_in_slot: jax.Array
   capacity: jax.Array
@@ -66,6 +89,10 @@ class LayerState:
   hits: jax.Array
   misses: jax.Array
   loads: jax.Array
+  prefetched: jax.Array | None = None
+  prefetch_loads: jax.Array | None = None
+  useful: jax.Array | None = None
+  wasted: jax.Array | None = None
 
 
 @struct.dataclass
@@ -178,28 +205,41 @@ def init_state(policy: Policy, num_layers: int, num_experts: int,
               np.asarray(x), (num_layers,) + x.shape).copy()), one_layer),
       hits=jax.device_put(zeros), misses=jax.device_put(zeros.copy()),
       loads=jax.device_put(zeros.copy()),
-      tick=jax.device_put(np.zeros((), np.int32)))
+      tick=jax.device_put(np.zeros((), np.int32)),
+      prefetched=jax.device_put(np.zeros((num_layers, num_experts), bool)),
+      prefetch_loads=jax.device_put(zeros.copy()),
+      useful=jax.device_put(zeros.copy()),
+      wasted=jax.device_put(zeros.copy()))
+
+
+_PREFETCH_FIELDS = ("prefetched", "prefetch_loads", "useful", "wasted")
 
 
 def layer_state(state: PagerState, layer) -> LayerState:
+  extra = {name: (None if getattr(state, name) is None else
+                  getattr(state, name)[layer]) for name in _PREFETCH_FIELDS}
   return LayerState(
       slot_of_expert=state.slot_of_expert[layer],
       expert_in_slot=state.expert_in_slot[layer],
       capacity=state.capacity[layer],
       policy_state=jax.tree.map(lambda x: x[layer], state.policy_state),
       hits=state.hits[layer], misses=state.misses[layer],
-      loads=state.loads[layer])
+      loads=state.loads[layer], **extra)
 
 
 def set_layer_state(state: PagerState, layer, ls: LayerState) -> PagerState:
   put = lambda full, part: full.at[layer].set(part)
+  extra = {name: put(getattr(state, name), getattr(ls, name))
+           for name in _PREFETCH_FIELDS
+           if getattr(state, name) is not None
+           and getattr(ls, name) is not None}
   return state.replace(
       slot_of_expert=put(state.slot_of_expert, ls.slot_of_expert),
       expert_in_slot=put(state.expert_in_slot, ls.expert_in_slot),
       capacity=put(state.capacity, ls.capacity),
       policy_state=jax.tree.map(put, state.policy_state, ls.policy_state),
       hits=put(state.hits, ls.hits), misses=put(state.misses, ls.misses),
-      loads=put(state.loads, ls.loads))
+      loads=put(state.loads, ls.loads), **extra)
 
 
 def compact(mask: jax.Array, size: int, fill: int) -> jax.Array:
@@ -269,7 +309,7 @@ def plan_chunk(slot_of_expert, expert_in_slot, capacity, keep_rank,
 
 def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
                data: Any, on_chunk: Callable[[Any, ChunkPlan], Any] | None,
-               hint=None) -> tuple[LayerState, Any]:
+               hint=None, gates=None) -> tuple[LayerState, Any]:
   """Serves one layer's needed experts for one step (see module docstring).
 
   Args:
@@ -281,16 +321,30 @@ def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
     on_chunk: `(data, plan) -> data`, performs a group's copies and
       computes its experts; None to plan only (replay).
     hint: `[E]` next-use steps for `min`.
+    gates: `[E]` int32 gate mass of the step (`policies.gate_mass`), for a
+      policy that `uses_gates`.
 
   Returns:
     the new layer state and data.
+
+  Raises:
+    ValueError: a policy that uses gate weights got none.
   """
   num_experts = needed.shape[0]
   resident = ls.slot_of_expert >= 0
   hits = jnp.sum(needed & resident, dtype=jnp.int32)
   num_needed = jnp.sum(needed, dtype=jnp.int32)
-  policy_state = policy.update(ls.policy_state, needed, needed & ~resident,
-                               tick)
+  if policy.uses_gates:
+    if gates is None:
+      raise ValueError(
+          f"policy {policy.name!r} ranks experts by gate weights, and this "
+          "caller passes none; replay it with wisp_jax.sim.prefetch.replay "
+          "(which reads the trace's weights) or decode with generate.")
+    policy_state = policy.update(ls.policy_state, needed, needed & ~resident,
+                                 tick, gates)
+  else:
+    policy_state = policy.update(ls.policy_state, needed, needed & ~resident,
+                                 tick)
   keep_rank = keep_rank_of(policy.keys(policy_state, tick, hint), num_experts)
   # The c needed experts most worth keeping form the final group, served
   # last; the others go first in groups that fit, resident ones first so
@@ -342,6 +396,101 @@ def page_layer(policy: Policy, ls: LayerState, needed: jax.Array, tick,
                    expert_in_slot=expert_in_slot, policy_state=policy_state,
                    hits=ls.hits + hits, misses=ls.misses + num_needed - hits,
                    loads=ls.loads + loads)
+  return _track_prefetches(new, ls.prefetched, resident, needed), data
+
+
+def _track_prefetches(ls: LayerState, prefetched, resident, needed
+                      ) -> LayerState:
+  """Counts what became of pending prefetches over a demand step.
+
+  A flag on an expert that was no longer resident when the step began (a
+  resize evicted it) counts as wasted too.
+  """
+  if prefetched is None or ls.useful is None:
+    return ls
+  pending = prefetched & resident
+  now_resident = ls.slot_of_expert >= 0
+  used = pending & needed
+  dropped = (prefetched & ~resident) | (pending & ~needed & ~now_resident)
+  return ls.replace(
+      prefetched=pending & ~needed & now_resident,
+      useful=ls.useful + jnp.sum(used, dtype=jnp.int32),
+      wasted=ls.wasted + jnp.sum(dropped, dtype=jnp.int32))
+
+
+def top_set(scores: jax.Array, size, prefer=None) -> jax.Array:
+  """`[E]` bool: the `size` experts with the largest positive `scores`,
+  ties to `prefer` (`[E]` bool, e.g. the resident ones) then to the lower
+  id. `size` may be traced."""
+  keys = (scores,) if prefer is None else (scores, prefer.astype(jnp.int32))
+  return (rank_before(keys) < size) & (scores > 0)
+
+
+def default_prefetch_size(capacity, num_needed):
+  """The predicted set per layer and step when none is given: as many
+  experts as the layer just needed (`num_needed`, an estimate of what the
+  target will need) when that is below `capacity`, else one slot less
+  than `capacity`. (A step that needs more experts than slots streams them
+  through the slots; a prefetch that filled every slot would be evicted by
+  that stream and loaded again.)"""
+  capacity = jnp.asarray(capacity, jnp.int32)
+  return jnp.where(num_needed < capacity, num_needed,
+                   jnp.maximum(capacity - 1, 0))
+
+
+def prefetch_layer(policy: Policy, ls: LayerState, scores: jax.Array,
+                   size, protect: jax.Array, limit, tick, data: Any,
+                   on_copy: Callable[[Any, ChunkPlan], Any] | None,
+                   hint=None) -> tuple[LayerState, Any]:
+  """Copies the predicted experts that are not resident into one layer's
+  free or evictable slots (see the module docstring).
+
+  The predicted set is the `size` experts with the largest positive
+  `scores` (ties: resident ones, then lower ids). Its missing experts
+  are copied, best score first, at most `limit` of them and at most as
+  many as there are slots to take. Victims follow the policy's eviction
+  order (empty slots first), never an expert of the predicted set, of
+  `protect` or a pending prefetch. The policy state is not updated (a
+  prefetch is not a reference).
+
+  Args:
+    policy: an evicting policy.
+    ls: the layer's state (with prefetch fields).
+    scores: `[E]` int32 prediction scores (0: not predicted).
+    size: `[]` int32 size of the predicted set (may be traced).
+    protect: `[E]` bool experts that must stay (e.g. needed this step).
+    limit: `[]` int32 most copies (may be traced; 0 does nothing).
+    tick: `[]` int32 step counter (for the policy's keys).
+    data: the caller's state, passed to `on_copy`.
+    on_copy: `(data, plan) -> data`, performs the copies; None to plan only.
+    hint: `[E]` next-use steps for `min` (first use at or after now).
+
+  Returns:
+    the new layer state and data.
+  """
+  num_experts = scores.shape[0]
+  num_slots = ls.expert_in_slot.shape[0]
+  resident = ls.slot_of_expert >= 0
+  predicted = top_set(scores, size, resident)
+  pending = ls.prefetched & resident
+  keep = predicted | protect | pending
+  occupant = ls.expert_in_slot
+  usable = jnp.arange(num_slots) < ls.capacity
+  takeable = usable & ((occupant < 0) | ~keep[jnp.maximum(occupant, 0)])
+  room = jnp.minimum(jnp.sum(takeable, dtype=jnp.int32),
+                     jnp.asarray(limit, jnp.int32))
+  missing = predicted & ~resident
+  chunk = missing & (rank_before((missing.astype(jnp.int32), scores)) < room)
+  keep_rank = keep_rank_of(policy.keys(ls.policy_state, tick, hint),
+                           num_experts)
+  plan, expert_in_slot = plan_chunk(ls.slot_of_expert, ls.expert_in_slot,
+                                    ls.capacity, keep_rank, chunk, keep)
+  if on_copy is not None:
+    data = on_copy(data, plan)
+  new = ls.replace(slot_of_expert=plan.slot_of_expert,
+                   expert_in_slot=expert_in_slot,
+                   prefetched=pending | chunk,
+                   prefetch_loads=ls.prefetch_loads + plan.num_loads)
   return new, data
 
 

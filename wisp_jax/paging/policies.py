@@ -11,8 +11,17 @@ Mattson miss-ratio curve in `wisp_jax.sim`).
 
 Policies: `lru`, `lfu` (per-expert reference counts halved every
 `age_every` steps), `fifo`, `ws` (Denning's working set with window `tau`),
-`pinned` (fixed hot set, no eviction) and `min` (Belady's oracle; needs the
-next-use hint that only trace replay can provide).
+`lrfu` (exponentially decayed reference counts, one `half_life` in steps:
+LRU as it tends to 0, LFU as it grows), `lrfu_gate` (the same decay over
+the gate weight each step gave each expert), `pinned` (fixed hot set,
+no eviction) and `min` (Belady's oracle; needs the next-use hint that only
+trace replay can provide).
+
+History-aware keys are fixed point int32 (`DECAY_ONE` = one reference or a
+gate weight of 1.0) so that every backend ranks experts alike: a decay is
+one float32 multiply of the int32 score, truncated (IEEE-exact, so no FMA
+contraction can change it), and gate weights are rounded to 1/`GATE_ONE`
+before they are combined as integers (order-free).
 """
 
 from __future__ import annotations
@@ -24,6 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 NEVER = jnp.iinfo(jnp.int32).max
+# Fixed-point unit of the decayed scores of `lrfu` and `lrfu_gate`: one
+# reference (lrfu) or a gate weight of 1.0 (lrfu_gate, at 1/GATE_ONE).
+DECAY_ONE = 1024
+GATE_ONE = DECAY_ONE
+# Decayed scores saturate here (two of them still add inside int32).
+SCORE_LIMIT = 2**30 - 1
+# Default half-lives in steps, chosen on the project's tuning traces (the
+# shipped model's routing on the first real-text prompts and synthetic
+# seed-0 traces; never on the traces the README reports):
+#   .venv/bin/python -m wisp_jax.runs.prefetch --tune
+LRFU_HALF_LIFE = 16.0
+LRFU_GATE_HALF_LIFE = 16.0
 
 
 class Policy(NamedTuple):
@@ -35,12 +56,16 @@ class Policy(NamedTuple):
       pager stacks and places them); its class names the fields.
     update: `(state, needed [E] bool, missed [E] bool, tick [] int32) ->
       state`, called once per step with the experts the step needed and
-      those that were not resident.
+      those that were not resident. A policy with `uses_gates` takes a
+      fifth argument, `gates` `[E]` int32: the gate weight the step gave
+      each expert (the largest over its tokens), in units of 1/`GATE_ONE`
+      (`gate_mass`).
     keys: `(state, tick, hint) -> tuple of [E] int32`, retention keys (larger
       keeps). `hint` is the next-use step `[E]` for `min`, else None.
     evicts: False for `pinned`: the resident set never changes and misses
       are served transiently.
     needs_hint: True for `min`.
+    uses_gates: True when `update` takes the step's gate weights.
   """
   name: str
   init: Callable[[int], Any]
@@ -48,6 +73,7 @@ class Policy(NamedTuple):
   keys: Callable[..., tuple]
   evicts: bool = True
   needs_hint: bool = False
+  uses_gates: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -169,6 +195,101 @@ def ws(tau: int = 8) -> Policy:
   return Policy("ws", lambda e: LastUseState(_never(e)), update, keys)
 
 
+class DecayState(NamedTuple):
+  """`lrfu` and `lrfu_gate`.
+
+  Attributes:
+    score: `[E]` int32 decayed reference count (or gate mass), in units of
+      1/`DECAY_ONE`.
+    last_use: `[E]` int32 last step that needed each expert (ties).
+  """
+  score: Any
+  last_use: Any
+
+
+def gate_mass(ids: jax.Array, weights: jax.Array, num_experts: int
+              ) -> jax.Array:
+  """`[E]` int32 the largest gate weight any token of the step gave each
+  expert, in units of 1/`GATE_ONE` (0 if none).
+
+  The largest, not the sum: a token repeated in a step (the left-padding
+  copies of `generate`) changes nothing, so live and replayed keys agree;
+  at batch 1 it is the expert's gate weight. Weights are rounded to
+  integers first, so the result does not depend on summation order.
+
+  Args:
+    ids: `[N, K]` routed expert ids.
+    weights: `[N, K]` gate weights.
+    num_experts: E.
+  """
+  units = jnp.round(weights.astype(jnp.float32) * GATE_ONE).astype(jnp.int32)
+  return jnp.zeros((num_experts,), jnp.int32).at[ids.reshape(-1)].max(
+      units.reshape(-1))
+
+
+def _decay_factor(name: str, half_life: float) -> np.float32:
+  if not half_life > 0:
+    raise ValueError(f"{name} half_life must be > 0 steps, got {half_life}.")
+  return np.float32(0.5 ** (1.0 / float(half_life)))
+
+
+def _decayed(score, factor, added):
+  """`score * factor` (truncated) plus `added`, saturating at SCORE_LIMIT."""
+  kept = (score.astype(jnp.float32) * factor).astype(jnp.int32)
+  return jnp.minimum(kept + jnp.minimum(added, SCORE_LIMIT), SCORE_LIMIT)
+
+
+def lrfu(half_life: float = LRFU_HALF_LIFE) -> Policy:
+  """Least recently/frequently used (LRFU): keep the experts with the
+  largest exponentially decayed reference count, ties by recency.
+
+  Every step the scores decay by 2^(-1/half_life) and each needed expert
+  adds one; so an expert referenced `half_life` steps ago counts half as
+  much as one referenced now. Small half-lives rank like LRU, large ones
+  like LFU without aging.
+
+  Args:
+    half_life: steps after which a reference weighs half (> 0).
+  """
+  factor = _decay_factor("lrfu", half_life)
+
+  def init(num_experts):
+    return DecayState(np.zeros((num_experts,), np.int32), _never(num_experts))
+
+  def update(state, needed, missed, tick):
+    del missed
+    added = needed.astype(jnp.int32) * DECAY_ONE
+    return DecayState(_decayed(state.score, factor, added),
+                      _touch(state.last_use, needed, tick))
+
+  return Policy("lrfu", init, update,
+                lambda s, tick, hint: (s.score, s.last_use))
+
+
+def lrfu_gate(half_life: float = LRFU_GATE_HALF_LIFE) -> Policy:
+  """LRFU over gate weights: the retention key is the decayed sum over
+  steps of the gate weight each step gave the expert (`gate_mass`), so an
+  expert that tokens lean on heavily outlives one picked as a weak K-th
+  choice.
+
+  Args:
+    half_life: steps after which a step's gate mass weighs half (> 0).
+  """
+  factor = _decay_factor("lrfu_gate", half_life)
+
+  def init(num_experts):
+    return DecayState(np.zeros((num_experts,), np.int32), _never(num_experts))
+
+  def update(state, needed, missed, tick, gates):
+    del missed
+    added = jnp.where(needed, jnp.maximum(gates, 0), 0).astype(jnp.int32)
+    return DecayState(_decayed(state.score, factor, added),
+                      _touch(state.last_use, needed, tick))
+
+  return Policy("lrfu_gate", init, update,
+                lambda s, tick, hint: (s.score, s.last_use), uses_gates=True)
+
+
 def pinned() -> Policy:
   """A fixed hot set loaded once; misses are served transiently."""
   return Policy("pinned", _empty_init, _unchanged, lambda s, tick, hint: (),
@@ -188,7 +309,8 @@ def belady_min() -> Policy:
 
 
 _REGISTRY = {"lru": lru, "lfu": lfu, "fifo": fifo, "ws": ws,
-             "pinned": pinned, "min": belady_min}
+             "lrfu": lrfu, "lrfu_gate": lrfu_gate, "pinned": pinned,
+             "min": belady_min}
 
 
 def get_policy(name: str, **kwargs) -> Policy:

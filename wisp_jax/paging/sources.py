@@ -14,13 +14,24 @@ layer index is traced (the decoder loops over layers).
 
 Specs (`SourceSpec`) are static and hashable; each owns its carry's layout:
 `init_carry`, `counters` and, for the pager, `pager_state` and `resize`.
+
+The paged source may also prefetch (`PagedSpec.prefetch`, a predictor of
+`wisp_jax.paging.predictors`): after layer l is served, the predicted
+experts of layer l+1 (`cooccur`, `gate`) or of layer l at the next step
+(`temporal`) are copied into free or evictable slots
+(`pager.prefetch_layer`). Its counters (`prefetch_counters`) are apart
+from hits, misses and loads, which mean what they mean without prefetch.
+A policy that ranks by gate weights (`lrfu_gate`) and the `gate`
+predictor read the routers `[L, D, E]` (`PagedArrays`): the source
+recomputes the step's gate weights, and the lookahead, from the layer's
+input with the same ops as the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +41,9 @@ from flax import struct
 from wisp_jax.models import device, moe
 from wisp_jax.models.experts import SourceSpec
 from wisp_jax.paging import pager
+from wisp_jax.paging import predictors as predictors_lib
 from wisp_jax.paging import resize as resize_lib
-from wisp_jax.paging.policies import get_policy
+from wisp_jax.paging.policies import gate_mass, get_policy
 
 SOURCES = ("resident", "static_offload", "layer_offload", "transient",
            "paged")
@@ -66,9 +78,31 @@ class PagedCarry:
   Attributes:
     slots: `[L, S, ...]` device slot buffer (`ExpertWeights`, stored dtype).
     state: the `PagerState` (residency, policy state, counters, tick).
+    predictor: the prefetch predictor's state, leaves `[L, ...]` (None
+      without prefetch).
+    last_needed: `[L, E]` bool each layer's needed set at its last step
+      (None without prefetch).
+    lookahead: `[L, B, T, K]` int32 the gate lookahead's top-k for layer
+      l+1 of each token of the pass, made at layer l (-1: none), when
+      recorded (`PagedSpec.with_lookahead`), else None.
   """
   slots: moe.ExpertWeights
   state: pager.PagerState
+  predictor: Any = None
+  last_needed: jax.Array | None = None
+  lookahead: jax.Array | None = None
+
+
+@struct.dataclass
+class PagedArrays:
+  """Arrays of a paged source that reads the routers.
+
+  Attributes:
+    bank: `[L, E, ...]` host bank.
+    router: `[L, D, E]` device router weights (the decoder's).
+  """
+  bank: moe.ExpertWeights
+  router: jax.Array
 
 
 def _to_device(x):
@@ -223,11 +257,25 @@ class TransientSource:
 
 
 class PagedSource:
-  """The working-set pager: a slot cache per layer fed from the host bank."""
+  """The working-set pager: a slot cache per layer fed from the host bank,
+  optionally prefetching (see the module docstring)."""
 
-  def __init__(self, bank, policy):
+  def __init__(self, bank, policy, router=None, predictor=None,
+               prefetch_size: int = -1, prefetch_limit: int = -1,
+               top_k: int = 0, norm_topk_prob: bool = True):
     self.bank = bank
     self.policy = policy
+    self.router = router
+    self.predictor = predictor
+    self.prefetch_size = prefetch_size
+    self.prefetch_limit = prefetch_limit
+    self.top_k = top_k
+    self.norm_topk_prob = norm_topk_prob
+
+  def _route(self, layer, x):
+    """The model's routing of `x` by the router of `layer` (same ops)."""
+    return moe.route(x @ self.router[layer], self.top_k, self.norm_topk_prob,
+                     x.dtype)
 
   def layer(self, layer, x, ids, carry: PagedCarry):
     slots, state = carry.slots, carry.state
@@ -249,8 +297,13 @@ class PagedSource:
         out = ffn(slots, rows, layer=layer, out=out, select=plan.chunk[ids])
         return slots, out
 
+      gates = None
+      if self.policy.uses_gates:
+        own_ids, own_weights = self._route(layer, x)
+        gates = gate_mass(own_ids, own_weights, num_experts)
       ls, (slots, out) = pager.page_layer(self.policy, ls, needed, state.tick,
-                                          (slots, out), on_chunk)
+                                          (slots, out), on_chunk,
+                                          gates=gates)
     else:
       # The hot set from the slots, then the misses from a scratch table.
       resident = ls.slot_of_expert >= 0
@@ -261,7 +314,62 @@ class PagedSource:
       out = ffn(scratch, row[ids], out=out, select=~resident[ids])
       ls = pager.count_pinned(ls, needed)
     state = pager.set_layer_state(state, layer, ls)
-    return out, PagedCarry(slots=slots, state=state)
+    carry = carry.replace(slots=slots, state=state)
+    if self.predictor is not None:
+      carry = self._prefetch(layer, x, ids, needed, carry)
+    return out, carry
+
+  def _prefetch(self, layer, x, ids, needed, carry: PagedCarry):
+    """Learns from this layer's needed set, then prefetches the predicted
+    experts of the predictor's target (see the module docstring)."""
+    p = self.predictor
+    state = carry.state
+    num_layers, num_experts = state.slot_of_expert.shape
+    last = carry.last_needed
+    pstates = carry.predictor
+    if p.learns:
+      if p.target == "next_layer":  # layer l-1 -> l, this step
+        source = last[jnp.maximum(layer - 1, 0)] & (layer > 0)
+      else:  # layer l at the previous step -> now
+        source = last[layer]
+      mine = jax.tree.map(lambda s: s[layer], pstates)
+      mine = p.update(mine, source, needed)
+      pstates = jax.tree.map(lambda full, part: full.at[layer].set(part),
+                             pstates, mine)
+    last = last.at[layer].set(needed)
+    if p.target == "next_step":
+      target, valid, protect = layer, True, needed
+    else:
+      target = jnp.minimum(layer + 1, num_layers - 1)
+      valid, protect = layer + 1 < num_layers, jnp.zeros_like(needed)
+    if p.given == "lookahead":
+      look_ids, _ = self._route(target, x)
+      given = predictors_lib.lookahead_counts(look_ids, num_experts)
+      if carry.lookahead is not None:
+        record = jnp.where(valid, look_ids, -1).reshape(
+            carry.lookahead.shape[1:])
+        carry = carry.replace(lookahead=carry.lookahead.at[layer].set(record))
+    else:
+      given = needed.astype(jnp.int32)
+    scores = p.predict(jax.tree.map(lambda s: s[target], pstates), given)
+    ls = pager.layer_state(state, target)
+    size = (pager.default_prefetch_size(ls.capacity,
+                                        jnp.sum(needed, dtype=jnp.int32))
+            if self.prefetch_size < 0 else jnp.int32(self.prefetch_size))
+    limit = size if self.prefetch_limit < 0 else jnp.int32(
+        self.prefetch_limit)
+    limit = jnp.where(valid, limit, 0)
+    bank = self.bank
+
+    def on_copy(slots, plan):
+      return copy_experts(bank, slots, target, plan.load_expert,
+                          plan.load_slot, plan.num_loads)
+
+    ls, slots = pager.prefetch_layer(self.policy, ls, scores, size, protect,
+                                     limit, state.tick, carry.slots, on_copy)
+    state = pager.set_layer_state(state, target, ls)
+    return carry.replace(slots=slots, state=state, predictor=pstates,
+                         last_needed=last)
 
   @staticmethod
   def end_step(carry: PagedCarry) -> PagedCarry:
@@ -343,17 +451,47 @@ class PagedSpec(SourceSpec):
   Attributes:
     policy: policy name.
     policy_options: sorted (name, value) pairs of the policy's options.
+    prefetch: predictor name (`predictors.LIVE_PREDICTORS`), "" for none.
+    prefetch_options: sorted (name, value) pairs: `size`, the predicted set
+      per layer and step (-1: `pager.default_prefetch_size`, the size of
+      the layer's own needed set when below the capacity, else capacity -
+      1), and `limit`, the most prefetch copies per layer and step (-1:
+      `size`).
+    top_k: the model's K (routing recomputed from the routers).
+    norm_topk_prob: the model's top-k renormalisation.
   """
   policy: str = "lru"
   policy_options: tuple = ()
+  prefetch: str = ""
+  prefetch_options: tuple = ()
+  top_k: int = 0
+  norm_topk_prob: bool = True
   name: ClassVar[str] = "paged"
 
   @property
   def rule(self):
     return _policy(self.policy, self.policy_options)
 
-  def build(self, bank):
-    return PagedSource(bank, self.rule)
+  @property
+  def predictor(self):
+    return (predictors_lib.get_predictor(self.prefetch) if self.prefetch
+            else None)
+
+  @property
+  def needs_router(self) -> bool:
+    """Whether the source reads the routers (`PagedArrays`)."""
+    return self.rule.uses_gates or self.prefetch == "gate"
+
+  def build(self, arrays):
+    options = dict(self.prefetch_options)
+    if isinstance(arrays, PagedArrays):
+      bank, router = arrays.bank, arrays.router
+    else:
+      bank, router = arrays, None
+    return PagedSource(bank, self.rule, router, self.predictor,
+                       int(options.get("size", -1)),
+                       int(options.get("limit", -1)), self.top_k,
+                       self.norm_topk_prob)
 
   def init_carry(self, bank: moe.ExpertWeights, num_slots: int, capacity,
                  hot_set=None) -> PagedCarry:
@@ -374,7 +512,31 @@ class PagedSpec(SourceSpec):
     carry = PagedCarry(slots=slots, state=state)
     if hot_set is not None:
       carry = _load_hot_set(bank, carry)
+    if self.predictor is not None:
+      one_layer = self.predictor.init(num_experts)
+      carry = carry.replace(
+          predictor=jax.tree.map(lambda x: jax.device_put(np.broadcast_to(
+              np.asarray(x), (num_layers,) + x.shape).copy()), one_layer),
+          last_needed=jax.device_put(np.zeros((num_layers, num_experts),
+                                              bool)))
     return carry
+
+  def with_lookahead(self, carry: PagedCarry, batch: int, width: int
+                     ) -> PagedCarry:
+    """`carry` recording the gate lookahead of a `[batch, width]` pass
+    (`PagedCarry.lookahead`, reset to -1)."""
+    if self.prefetch != "gate":
+      raise ValueError("only prefetch='gate' computes a lookahead to record; "
+                       f"this source prefetches {self.prefetch!r}.")
+    num_layers = carry.state.slot_of_expert.shape[0]
+    return carry.replace(lookahead=jax.device_put(np.full(
+        (num_layers, batch, width, self.top_k), -1, np.int32)))
+
+  @staticmethod
+  def prefetch_counters(carry: PagedCarry):
+    """Cumulative `(prefetch_loads, useful, wasted)`, each `[L]` int32."""
+    s = carry.state
+    return s.prefetch_loads, s.useful, s.wasted
 
   @staticmethod
   def counters(carry: PagedCarry):
@@ -398,7 +560,7 @@ class PagedSpec(SourceSpec):
     """
     state, slots, moved, evicted = resize_lib.resize(
         carry.state, carry.slots, capacity, self.policy, self.policy_options)
-    return PagedCarry(slots=slots, state=state), moved, evicted
+    return carry.replace(slots=slots, state=state), moved, evicted
 
 
 @jax.jit
@@ -413,20 +575,21 @@ def _load_hot_set(bank, carry: PagedCarry) -> PagedCarry:
     slots = copy_experts(bank, carry.slots, layer, occupant[dest], dest,
                          count)
     state = carry.state.replace(loads=carry.state.loads.at[layer].add(count))
-    return PagedCarry(slots=slots, state=state)
+    return carry.replace(slots=slots, state=state)
 
   return jax.lax.fori_loop(0, carry.state.expert_in_slot.shape[0], one_layer,
                            carry)
 
 
 def spec_for(kind: str, policy: str = "lru",
-             policy_options: tuple = ()) -> SourceSpec:
-  """The spec of source `kind` (one of `SOURCES`)."""
+             policy_options: tuple = (), **paged) -> SourceSpec:
+  """The spec of source `kind` (one of `SOURCES`); `paged` takes the
+  other `PagedSpec` fields (prefetch, prefetch_options, top_k, ...)."""
   if kind not in SOURCES:
     raise ValueError(f"Unknown expert source {kind!r}; known sources: "
                      f"{', '.join(SOURCES)}.")
   if kind == "paged":
-    return PagedSpec(policy, tuple(policy_options))
+    return PagedSpec(policy, tuple(policy_options), **paged)
   if kind in ("static_offload", "layer_offload"):
     return StaticOffloadSpec(kind)
   return TrafficSpec(kind)

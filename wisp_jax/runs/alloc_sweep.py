@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from wisp_jax.runs import common
+from wisp_jax.runs import reports
 from wisp_jax.runs import allocate
 from wisp_jax.alloc import baselines
 from wisp_jax.alloc import marginal
@@ -69,15 +70,15 @@ def _row(workload: Workload, budget_gib: float, budget: throughput.Budget
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-  head = ("| workload | GiB | oracle tok/s | MV-WSA | MV-WSA uniform | greedy "
-          "only | one start | 50/50 | experts-first | FluxMoE prior | best "
+  head = ("| workload | budget | oracle tok/s | MV-WSA | MV-WSA uniform | "
+          "greedy only | one start | 50/50 | experts-first | FluxMoE prior | best "
           "fixed gap | oracle n / slots / KV |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     rel = r["relative"]
     o = r["splits"]["oracle"]
     lines.append(
-        f"| {r['workload']} | {r['budget_gib']:g} | "
+        f"| {r['workload']} | {_budget_label(r['budget_gib'])} | "
         f"{r['oracle_tokens_per_s']:.1f} | {rel['mv-wsa']:.3f} | "
         f"{rel['mv-wsa-uniform']:.3f} | {rel['mv-wsa-greedy']:.3f} | "
         f"{rel['mv-wsa-one-start']:.3f} | "
@@ -119,7 +120,11 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
       "worst_oracle_uniform_over_oracle": oracle_ratio}
 
 
-def _plot_relative(rows, budgets, path):
+def _budget_label(gib: float) -> str:
+  return reports.format_bytes(gib * 2**30)
+
+
+def _plot_relative(rows, budgets, path, model, hardware):
   names = list(dict.fromkeys(r["workload"] for r in rows))
   fig, axes = plt.subplots(len(budgets), 1, figsize=(12, 3.2 * len(budgets)),
                            squeeze=False)
@@ -131,19 +136,26 @@ def _plot_relative(rows, budgets, path):
             for n in names]
       ax.bar(np.arange(len(names)) + (j - len(METHODS) / 2 + 0.5) * width,
              ys, width, label=method)
-    ax.axhline(0.97, color="k", ls="--", lw=0.8)
-    ax.axhline(0.90, color="r", ls=":", lw=0.8)
-    ax.set_ylim(0.3, 1.02)
+    ax.axhline(0.97, color="k", ls="--", lw=0.8,
+               label="target: MV-WSA within 3% of oracle (0.97)")
+    ax.axhline(0.90, color="r", ls=":", lw=0.8,
+               label="10% below oracle (0.90)")
+    # From 0, so that every bar shows, however far below the oracle.
+    ax.set_ylim(0, 1.05)
     ax.set_xticks(np.arange(len(names)), names, fontsize=8)
     ax.set_ylabel("tokens/s / oracle")
-    ax.set_title(f"budget {gib:g} GiB")
-  axes[0, 0].legend(ncol=4, fontsize=7, loc="lower left")
-  fig.tight_layout()
+    ax.set_title(reports.title("MV-WSA and fixed splits vs the oracle",
+                               model=model, hardware=hardware,
+                               budget=_budget_label(gib)), fontsize=9)
+  # Below the axes, so that no bar is hidden behind it.
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, ncol=5, fontsize=7, loc="lower center")
+  fig.tight_layout(rect=(0, 0.1 / len(budgets) + 0.02, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def _plot_landscape(cells, path):
+def _plot_landscape(cells, path, model, hardware, budget):
   fig, ax = plt.subplots(figsize=(8, 5))
   for (workload, budget, results) in cells:
     m = workload.model
@@ -164,13 +176,16 @@ def _plot_landscape(cells, path):
   ax.set_xlabel("expert share of pageable bytes (uniform caps, KV = rest)")
   ax.set_ylabel("tokens/s / oracle  (dots: MV-WSA)")
   ax.set_ylim(0, 1.05)
+  ax.set_title(reports.title("uniform splits: expert share vs tokens/s",
+                             model=model, hardware=hardware, budget=budget),
+               fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def _plot_slots(workload, results, path):
+def _plot_slots(workload, results, path, budget):
   fig, ax = plt.subplots(figsize=(8, 4))
   layers = np.arange(workload.model.num_layers)
   for name, style in (("mv-wsa", "-o"), ("oracle", "--x"),
@@ -181,14 +196,18 @@ def _plot_slots(workload, results, path):
             f"KV {a.split.kv_blocks}")
   ax.set_xlabel("layer")
   ax.set_ylabel("expert slots")
-  ax.set_title(f"{workload.name}: per-layer vs uniform caps")
+  ax.set_ylim(0, workload.model.num_experts + 0.5)
+  ax.set_title(reports.title(f"{workload.name}: per-layer vs uniform caps",
+                             model=workload.model.name,
+                             hardware=workload.hardware.name, budget=budget),
+               fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def _plot_marginals(workload, results, path):
+def _plot_marginals(workload, results, path, budget):
   """Both pools' marginal values along the KV axis, slots as MV-WSA chose."""
   chosen = results["mv-wsa"]
   slots = chosen.split.slots_per_layer
@@ -211,16 +230,24 @@ def _plot_marginals(workload, results, path):
              label="KV demand of C requests")
   ax.set_xlabel("KV blocks (expert slots fixed at the MV-WSA split)")
   ax.set_ylabel("tokens/s gained per GiB")
-  ax.set_title(f"{workload.name}: marginal values, {chosen.tokens_per_s:.1f}"
-               " tok/s")
+  positive = np.concatenate([kv_values[kv_values > 0],
+                             slot_values[slot_values > 0]])
+  if positive.size and positive.max() / positive.min() >= 10:
+    ax.set_yscale("log")  # the two pools' values span decades
+  ax.set_title(reports.title(
+      f"{workload.name}: marginal values, {chosen.tokens_per_s:.1f} tok/s",
+      model=workload.model.name, hardware=workload.hardware.name,
+      budget=budget), fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the sweep; returns the summary written to summary.json."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> reports.Report:
+  """Runs the sweep; returns the summary written to summary.json (prints
+  as the markdown table)."""
+  reports.start_logging()
   out = common.start(workdir, config)
   model = config_lib.get_config(config.model)
   budgets = [float(b) for b in config.budgets_gib]
@@ -238,7 +265,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         try:
           budget.check(workload)
         except throughput.BudgetError as e:
-          logging.warning("%s at %g GiB: refused: %s", name, gib, e)
+          logging.warning("%s at %s: refused: %s", name, _budget_label(gib),
+                          e)
           continue
         row, results = _row(workload, gib, budget)
         rows.append(row)
@@ -246,8 +274,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         metrics.write(json.dumps(row) + "\n")
         rel = row["relative"]
         logging.info(
-            "%-22s %5.1f GiB oracle %8.2f tok/s | mv %.3f uni %.3f greedy "
-            "%.3f | best fixed %s %.3f", name, gib,
+            "%-22s %9s oracle %8.2f tok/s | mv %.3f uni %.3f greedy "
+            "%.3f | best fixed %s %.3f", name, _budget_label(gib),
             row["oracle_tokens_per_s"], rel["mv-wsa"],
             rel["mv-wsa-uniform"], rel["mv-wsa-greedy"], row["best_fixed"],
             rel[row["best_fixed"]])
@@ -256,20 +284,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      "workload; raise config.budgets_gib.")
   table = _table(rows)
   (out / "table.md").write_text(table)
-  logging.info("\n%s", table)
   summary = {"model": config.model, "hardware": config.hardware,
              "budgets_gib": budgets, "targets": _targets(rows),
              "rows": rows}
   common.finish(out, summary)
   logging.info("targets: %s", json.dumps(summary["targets"], indent=2))
 
-  _plot_relative(rows, budgets, out / "relative_to_oracle.png")
+  _plot_relative(rows, budgets, out / "relative_to_oracle.png", model.name,
+                 config.hardware)
   mid = budgets[len(budgets) // 2]
   _plot_landscape([c for (n, g), c in cells.items() if g == mid],
-                  out / "split_landscape.png")
+                  out / "split_landscape.png", model.name, config.hardware,
+                  _budget_label(mid))
   focus = config.focus_workload
   pick = cells.get((focus, mid)) or next(iter(cells.values()))
-  _plot_slots(pick[0], pick[2], out / "slots_per_layer.png")
+  _plot_slots(pick[0], pick[2], out / "slots_per_layer.png",
+              _budget_label(mid))
   pick = cells.get((config.marginal_workload, mid)) or pick
-  _plot_marginals(pick[0], pick[2], out / "marginal_values.png")
-  return summary
+  _plot_marginals(pick[0], pick[2], out / "marginal_values.png",
+                  _budget_label(mid))
+  return reports.Report(summary, table)

@@ -12,12 +12,14 @@ by `;` (layers split evenly), e.g. `sticky:p_keep=0.9,alpha=1.0;zipf:alpha=0.2`.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import ml_collections
 from absl import logging
 
 from wisp_jax.runs import common
+from wisp_jax.runs import reports
 from wisp_jax.alloc import baselines
 from wisp_jax.alloc import curves as curves_lib
 from wisp_jax.alloc import solver
@@ -126,8 +128,40 @@ def allocate_all(workload: Workload, budget: Budget
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Allocates one budget for one workload; writes summary.json."""
+SPLIT_FILE = "split.json"
+
+
+def split_table(summary: dict[str, Any]) -> str:
+  """The chosen split per layer, then every method's tokens/s vs oracle."""
+  split = summary["split"]
+  slots = split["slots_per_layer"]
+  lines = [f"split for {summary['workload']['name']} "
+           f"({summary['budget']['total_label']}): {split['kv_blocks']} KV "
+           f"blocks, {sum(slots)} expert slots",
+           reports.text_table(["layer"] + [str(i) for i in range(len(slots))],
+                              [["slots"] + list(slots)]), ""]
+  rows = [[name, a["tokens_per_s"], summary["relative_to_oracle"][name],
+           a["total_slots"], a["kv_blocks"]]
+          for name, a in summary["allocations"].items()]
+  lines.append(reports.text_table(
+      ["method", "tokens/s", "x oracle", "slots", "KV blocks"], rows))
+  lines.append(f"wrote {summary['split_path']}")
+  return "\n".join(lines)
+
+
+def write_split(path, split) -> pathlib.Path:
+  """Writes `split.json` (`slots_per_layer`, `kv_blocks`), which
+  `serve` (`engine.split_file`) and `generate(split=...)` read."""
+  path = pathlib.Path(path)
+  common.write_json(path, {"slots_per_layer": list(split.slots_per_layer),
+                           "kv_blocks": int(split.kv_blocks)})
+  return path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> reports.Report:
+  """Allocates one budget for one workload; writes summary.json and
+  split.json; returns the summary (prints as the split and the table)."""
+  reports.start_logging()
   out = common.start(workdir, config)
   workload = build_workload(config, config.workload, name=config.name)
   budget = budget_of(config, config.budget_gib, workload)
@@ -141,15 +175,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  allocation.split.total_slots, allocation.split.kv_blocks,
                  allocation.prediction.concurrency)
   chosen = results["mv-wsa-uniform" if config.uniform else "mv-wsa"]
+  split_path = write_split(out / SPLIT_FILE, chosen.split)
   summary = {
       "workload": workload.summary(),
       "budget": {"total_bytes": budget.total_bytes,
+                 "total_label": reports.format_bytes(budget.total_bytes),
                  "workspace_bytes": budget.workspace_bytes,
                  "pageable_bytes": budget.pageable_bytes(workload)},
       "split": chosen.split.to_dict(),
+      "split_path": str(split_path),
       "predicted_tokens_per_s": chosen.tokens_per_s,
       "relative_to_oracle": {name: a.tokens_per_s / oracle_rate
                              for name, a in results.items()},
       "allocations": {name: a.to_dict() for name, a in results.items()}}
   common.finish(out, summary)
-  return summary
+  return reports.Report(summary, split_table(summary))

@@ -30,6 +30,7 @@ from wisp_jax.models.default import load_default
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.paging import bank as bank_lib
 from wisp_jax.runs import common
+from wisp_jax.runs import reports
 from wisp_jax.runs import timing
 from wisp_jax.serving.generate import generate
 
@@ -131,13 +132,62 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          else None),
         "vs_resident": result.ratios[name].to_json(),
         "vs_resident_text": result.describe(name),
-        "reliable": result.ok(name), **traffic[name]})
+        "reliable": result.ok(name), "batch": len(prompts),
+        **traffic[name]})
   summary = {"model": model.config.name, "dtype": config.dtype,
              "batch": len(prompts), "repeats": config.repeats,
              "results": rows, "table": table(rows)}
   common.finish(workdir, summary)
+  plot(rows, workdir / PLOT, reports.title(
+      f"decode, batch {len(prompts)}, {config.dtype}", model=model.config.name,
+      hardware=reports.this_machine()))
   print(summary["table"])
   return summary
+
+
+PLOT = "decode.png"
+
+
+def plot(rows: list[dict[str, Any]], path, title: str) -> None:
+  """Tokens/s per source (median bar, min-max whisker over the repeats)
+  and expert bytes moved per token (log axis; resident moves none)."""
+  import matplotlib  # Loaded only to plot.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  names = [r["name"] for r in rows]
+  x = np.arange(len(rows))
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  medians, low, high = [], [], []
+  for r in rows:
+    times = np.array([t for t in r["step_ms_all"] if t > 0]) / 1e3
+    tps = r["batch"] / times if times.size else np.array([np.nan])
+    med = float(np.median(tps))
+    medians.append(med)
+    low.append(med - float(tps.min()))
+    high.append(float(tps.max()) - med)
+  axes[0].bar(x, medians, yerr=[low, high], capsize=3, color="C0",
+              label="median over repeats (whisker: min-max)")
+  axes[0].set(ylabel="decode tokens/s", ylim=(0, None))
+  axes[0].legend(fontsize=7, loc="lower right")
+  moved = [r["bytes_per_token"] for r in rows]
+  axes[1].bar(x, [m if m > 0 else np.nan for m in moved], color="C1",
+              label="expert bytes copied per token")
+  for i, m in enumerate(moved):
+    if m <= 0:
+      axes[1].text(i, 0.02, "0", transform=axes[1].get_xaxis_transform(),
+                   ha="center", va="bottom", fontsize=8)
+  if any(m > 0 for m in moved):
+    axes[1].set_yscale("log")
+  axes[1].set(ylabel="bytes per token")
+  axes[1].legend(fontsize=7, loc="upper right")
+  for ax in axes:
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def table(rows: list[dict]) -> str:

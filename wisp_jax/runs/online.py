@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from wisp_jax.runs import common
+from wisp_jax.runs import reports
 from wisp_jax.serving import batch_step
 from wisp_jax.serving import controller as ctl
 from wisp_jax.runs import serve
@@ -44,10 +45,20 @@ from wisp_jax.sim.hardware import get_profile
 MIB = 2**20
 
 
+def phase_configs(config) -> list[ml_collections.ConfigDict]:
+  """`config.phases` (a tuple of dicts) as ConfigDicts, in order."""
+  return [ml_collections.ConfigDict(dict(p)) for p in config.phases]
+
+
+def rule_names(config) -> tuple[str, ...]:
+  """`config.controller.rules`: a comma-separated string or a tuple."""
+  return reports.split_names(config.controller.rules)
+
+
 def make_phases(config, vocab_size: int) -> list[list[Request]]:
   """The requests of every phase (stdlib-text prompts, Poisson arrivals)."""
   phases = []
-  for p in config.phases:
+  for p in phase_configs(config):
     requests = request_stream.synthetic_workload(
         p.num_requests, (p.prompt_len_min, p.prompt_len_max),
         (p.max_new_tokens_min, p.max_new_tokens_max), "poisson", p.rate,
@@ -172,7 +183,7 @@ def _timeline(run: dict) -> list[dict]:
   return points
 
 
-def _plot(path: pathlib.Path, summary: dict) -> None:
+def _plot(path: pathlib.Path, summary: dict, budget: str) -> None:
   fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
   for name, run in summary["runs"].items():
     line = run["timeline"]
@@ -190,7 +201,11 @@ def _plot(path: pathlib.Path, summary: dict) -> None:
   axes[1].set_ylabel("expert slots per layer (mean)")
   axes[1].set_xlabel("engine step (dotted: a controller run's next phase)")
   axes[0].legend(fontsize=7, ncol=2)
-  axes[0].set_title("Split of device memory over time")
+  axes[0].set_title(reports.title(
+      "split of device memory over time (" + " then ".join(summary["phases"])
+      + " phase)", model=summary["model"],
+      hardware=f"time modeled on {summary['hardware']['name']}",
+      budget=budget), fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -203,14 +218,17 @@ def _same_tokens(a: dict, b: dict) -> bool:
 
 
 def run(config: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs the comparison; returns the contents of summary.json."""
+        workdir: str | pathlib.Path) -> reports.Report:
+  """Runs the comparison; returns the contents of summary.json (prints as
+  a table of modeled tokens/s per phase)."""
+  reports.start_logging()
   out = common.start(workdir, config)
   model, origin = serve.load_model(config)
   c = model.config
   budget = make_budget(config, model)
   phases = make_phases(config, c.vocab_size)
-  names = [p.name for p in config.phases]
+  names = [p.name for p in phase_configs(config)]
+  rules = rule_names(config)
   hardware = get_profile(config.hardware)
   bytes_per_param = budget.footprint.expert_bytes // c.expert_params
   logging.info("model %s (%s); budget %d bytes (free %d): expert %d bytes, "
@@ -226,7 +244,7 @@ def run(config: ml_collections.ConfigDict,
   start = config.controller.initial_slots
   initial = Split.make(start, budget.max_kv_blocks(start), c.num_layers)
   configurations = [(n, "fixed", s, None) for n, s in fixed.items()] + [
-      (n, "controller", initial, n) for n in config.controller.rules]
+      (n, "controller", initial, n) for n in rules]
   runs, traces_before_timed = {}, 0
   # A warm-up pass compiles every step; the timed pass repeats it.
   for timed in (False, True) if config.warmup else (True,):
@@ -279,11 +297,11 @@ def run(config: ml_collections.ConfigDict,
         "controller_over_best_fixed": {
             n: summary_runs[n]["overall"][metric] /
                summary_runs[top]["overall"][metric]
-            for n in config.controller.rules},
+            for n in rules},
         "controller_over_best_fixed_per_phase": {
             n: {p: summary_runs[n][p][metric] /
                    summary_runs[best(p)][p][metric] for p in names}
-            for n in config.controller.rules}}
+            for n in rules}}
   summary = {"model": c.name, "model_origin": origin,
              "budget": {"total_bytes": budget.total_bytes,
                         "free_bytes": budget.free_bytes,
@@ -293,13 +311,24 @@ def run(config: ml_collections.ConfigDict,
              "comparison": comparison,
              "new_traces_in_timed_runs": new_traces, "runs": summary_runs}
   common.finish(out, summary)
-  _plot(out / "split_over_time.png", summary)
-  for name, r in summary_runs.items():
-    logging.info("%-12s modeled tok/s: %s, overall %.1f (CPU %.1f); %d "
-                 "resizes, %d preemptions, hit rate %.3f", name,
-                 " ".join(f"{p} {r[p]['tokens_per_s']:.1f}" for p in names),
-                 r["overall"]["tokens_per_s"],
-                 r["overall"]["cpu_tokens_per_s"], len(r["resizes"]),
-                 r["preemptions"], r["hit_rate"])
-  logging.info("comparison: %s", json.dumps(comparison, indent=1))
-  return summary
+  _plot(out / "split_over_time.png", summary,
+        reports.format_bytes(budget.free_bytes) + " for slots and KV")
+  return reports.Report(summary, table(summary))
+
+
+def table(summary: dict[str, Any]) -> str:
+  """Modeled tokens/s per phase and overall of every configuration."""
+  names = summary["phases"]
+  rows = [[name] + [r[p]["tokens_per_s"] for p in names] +
+          [r["overall"]["tokens_per_s"], r["overall"]["cpu_tokens_per_s"],
+           len(r["resizes"]), r["preemptions"], r["hit_rate"]]
+          for name, r in summary["runs"].items()]
+  head = (["configuration"] + [f"{p} tok/s" for p in names] +
+          ["overall tok/s", "CPU tok/s", "resizes", "preemptions",
+           "hit rate"])
+  best = summary["comparison"]["tokens_per_s"]
+  ratios = ", ".join(f"{n} {v:.3f}x" for n, v in
+                     best["controller_over_best_fixed"].items())
+  return (reports.text_table(head, rows) +
+          f"\nbest fixed split: {best['best_fixed']}; controllers over it "
+          f"(modeled on {summary['hardware']['name']}): {ratios}")

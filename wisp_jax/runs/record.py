@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import pathlib
 import time
-from typing import Any
 
 import ml_collections
 
 from wisp_jax.runs import common
+from wisp_jax.runs import reports
 from wisp_jax.serving import record as record_lib
 
 TRACE_FILE = "trace.npz"
 
 
 def run(config: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path) -> dict[str, Any]:
+        workdir: str | pathlib.Path) -> reports.Report:
   """Records the default model (configs/record.py); returns the summary.
 
   Writes `workdir/trace.npz` (a `RoutingTrace`), `config.json` and
-  `summary.json`.
+  `summary.json`. The summary prints as a one-line report.
   """
+  reports.start_logging()
   workdir = common.start(workdir, config)
   if config.model != "default":
     raise ValueError(f"config.model={config.model!r}: only the shipped "
@@ -38,4 +39,8 @@ def run(config: ml_collections.ConfigDict,
   trace.save(path)
   summary = {"trace_path": str(path), "seconds": time.perf_counter() - start,
              **record_lib.summarize(trace)}
-  return common.finish(workdir, summary)
+  common.finish(workdir, summary)
+  text = (f"recorded {summary['num_events']} events ({summary['num_steps']} "
+          f"steps, {summary['num_requests']} requests) in "
+          f"{summary['seconds']:.1f} s -> {summary['trace_path']}")
+  return reports.Report(summary, text)

@@ -4,7 +4,10 @@ See configs/serve.py for the fields. Writes to `workdir`: `config.json`
 (resolved config), `metrics.jsonl` (one line per engine step),
 `requests.jsonl` (one line per request) and `summary.json` (throughput,
 TTFT and latency percentiles, pager hit rate and bytes, KV peak,
-preemptions).
+preemptions) and `serve_steps.png` (batch, KV blocks in use and hit rate
+over engine steps). `engine.split_file` names a `split.json` from
+`experiments/allocate.py` whose slots per layer and KV blocks replace
+`engine.slots_per_layer` and `engine.kv_blocks`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 
 from wisp_jax.runs import common
+from wisp_jax.runs import reports
 from wisp_jax.models import config as config_lib
 from wisp_jax.models import default
 from wisp_jax.models.transformer import MoEModel
@@ -71,6 +76,31 @@ def make_requests(config: ml_collections.ConfigDict,
       vocab_size, w.temperature, w.seed)
 
 
+def read_split_file(path: str, num_layers: int) -> tuple[tuple[int, ...], int]:
+  """Slots per layer and KV blocks of a `split.json` (experiments/allocate.py).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file lacks a field, or splits another number of layers.
+  """
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"engine.split_file={path!r} does not exist; "
+                            "experiments/allocate.py writes "
+                            "workdir/split.json.")
+  split = json.loads(file.read_text())
+  missing = [k for k in ("slots_per_layer", "kv_blocks") if k not in split]
+  if missing:
+    raise ValueError(f"{path}: missing {missing}; a split.json holds "
+                     "slots_per_layer and kv_blocks.")
+  slots = tuple(int(v) for v in split["slots_per_layer"])
+  if len(slots) != num_layers:
+    raise ValueError(f"{path} splits {len(slots)} layers, but the model has "
+                     f"{num_layers}; allocate for this model (config.model "
+                     "of experiments/allocate.py).")
+  return slots, int(split["kv_blocks"])
+
+
 def _engine(model: MoEModel, config: ml_collections.ConfigDict,
             workdir: str | None) -> Engine:
   e, b = config.engine, config.budget
@@ -79,15 +109,16 @@ def _engine(model: MoEModel, config: ml_collections.ConfigDict,
     budget = DeviceBudget(int(b.total_mib * MIB),
                           int(b.workspace_mib * MIB)).for_model(
                               model, e.block_size)
-  kv_blocks = e.kv_blocks
+  slots, kv_blocks = e.slots_per_layer, e.kv_blocks
+  if e.get("split_file"):
+    slots, kv_blocks = read_split_file(e.split_file, model.config.num_layers)
   if kv_blocks <= 0:
     if budget is None:
       raise ValueError("engine.kv_blocks <= 0 means 'what the budget "
                        "leaves', but budget.total_mib is 0 (no budget).")
     kv_blocks = budget.max_kv_blocks(
-        e.slots_per_layer if e.experts == "paged" else
-        model.config.num_experts)
-  return Engine(model, budget, e.slots_per_layer, kv_blocks, e.block_size,
+        slots if e.experts == "paged" else model.config.num_experts)
+  return Engine(model, budget, slots, kv_blocks, e.block_size,
                 e.max_batch, experts=e.experts, policy=e.policy,
                 min_prefill_bucket=e.min_prefill_bucket, workdir=workdir)
 
@@ -110,8 +141,10 @@ def _warmup(model: MoEModel, config: ml_collections.ConfigDict,
 
 
 def run(config: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Serves the configured workload; returns the contents of summary.json."""
+        workdir: str | pathlib.Path) -> reports.Report:
+  """Serves the configured workload; returns the contents of summary.json
+  (prints as a one-paragraph report) and writes serve_steps.png."""
+  reports.start_logging()
   workdir = common.start(workdir, config)
   model, origin = load_model(config)
   c = model.config
@@ -154,16 +187,68 @@ def run(config: ml_collections.ConfigDict,
              "engine": engine.summary(), "warmup_s": warmup_s}
   common.finish(workdir, summary)
   pager = summary["engine"]["pager"]
-  logging.info(
-      "served %d/%d requests (%d failed) in %.2f s: %.1f tokens/s, TTFT p50 "
-      "%s s, latency p90 %s s, hit rate %.3f, %d expert bytes moved, KV peak "
-      "%d/%d blocks, %d preemptions", summary["completed"], len(requests),
-      summary["failed"], wall_s, summary["throughput_tokens_per_s"] or 0.0,
-      _fmt(summary["ttft_s"]["p50"]), _fmt(summary["latency_s"]["p90"]),
-      pager["hit_rate"], pager["bytes_moved"],
-      summary["engine"]["kv_blocks_peak"], engine.allocator.num_blocks,
-      summary["engine"]["preemptions"])
-  return summary
+  text = (
+      f"served {summary['completed']}/{len(requests)} requests "
+      f"({summary['failed']} failed) in {wall_s:.2f} s: "
+      f"{summary['throughput_tokens_per_s'] or 0.0:.1f} tokens/s, TTFT p50 "
+      f"{_fmt(summary['ttft_s']['p50'])} s, latency p90 "
+      f"{_fmt(summary['latency_s']['p90'])} s, hit rate "
+      f"{pager['hit_rate']:.3f}, {reports.format_bytes(pager['bytes_moved'])}"
+      f" of experts moved, KV peak {summary['engine']['kv_blocks_peak']}/"
+      f"{engine.allocator.num_blocks} blocks, "
+      f"{summary['engine']['preemptions']} preemptions")
+  budget = (f"{config.budget.total_mib:g} MiB" if config.budget.total_mib > 0
+            else f"{engine.allocator.num_blocks} KV blocks")
+  plot_steps(common.read_metrics(workdir), workdir / STEPS_PLOT,
+             reports.title(f"serving: {len(requests)} requests, "
+                           f"{config.engine.experts} experts",
+                           model=c.name, hardware=reports.this_machine(),
+                           budget=budget))
+  return reports.Report(summary, text)
+
+
+STEPS_PLOT = "serve_steps.png"
+
+
+def plot_steps(records: list[dict[str, Any]], path: pathlib.Path,
+               title: str) -> None:
+  """Batch size, KV blocks in use and pager hit rate over engine steps."""
+  import matplotlib  # Loaded only to plot.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  steps = [r["step"] for r in records]
+  fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+  axes[0].step(steps, [r["batch_size"] for r in records], where="post",
+               label="decode batch")
+  axes[0].step(steps, [r["queue_length"] for r in records], where="post",
+               ls="--", label="queue")
+  axes[0].set_ylabel("requests")
+  axes[0].set_ylim(bottom=0)
+  axes[1].step(steps, [r["kv_blocks_in_use"] for r in records],
+               where="post", label="in use")
+  axes[1].step(steps, [r["kv_blocks"] for r in records], where="post",
+               color="0.5", ls=":", label="pool")
+  axes[1].set_ylabel("KV blocks")
+  axes[1].set_ylim(bottom=0)
+  hits = np.cumsum([r["pager_hits"] for r in records])
+  needed = hits + np.cumsum([r["pager_misses"] for r in records])
+  step_needed = [r["pager_hits"] + r["pager_misses"] for r in records]
+  axes[2].plot(steps, [r["pager_hits"] / n if n else np.nan
+                       for r, n in zip(records, step_needed)], ".",
+               ms=3, alpha=0.5, label="this step")
+  axes[2].plot(steps, np.where(needed > 0, hits / np.maximum(needed, 1),
+                               np.nan), label="cumulative")
+  axes[2].set_ylabel("expert hit rate")
+  axes[2].set_ylim(0, 1.02)
+  axes[2].set_xlabel("engine step")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+  axes[0].set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _fmt(value: float | None) -> str:

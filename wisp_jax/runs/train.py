@@ -25,23 +25,25 @@ from wisp_jax.models.training import (UNIFORM_BITS_PER_BYTE, evaluate,
                                       model_config)
 from wisp_jax.models.transformer import MoEModel
 from wisp_jax.runs import common
+from wisp_jax.runs import reports
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
-        ) -> dict[str, Any]:
+        ) -> reports.Report:
   """Trains, checkpoints and evaluates; returns the summary.
 
   Writes to `workdir`: `config.json` (resolved config), `metrics.jsonl`
   (one JSON line per logged step), `checkpoint/` (see
-  `wisp_jax.models.checkpoint`) and `summary.json`.
+  `wisp_jax.models.checkpoint`), `summary.json` and `loss.png`.
 
   Args:
     config: see `configs/train_default.py`.
     workdir: output directory (created).
 
   Returns:
-    the contents of `summary.json`.
+    the contents of `summary.json` (prints as a one-line report).
   """
+  reports.start_logging()
   mconfig = model_config(config)
   if config.seq_len > mconfig.max_seq_len:
     raise ValueError(f"seq_len={config.seq_len} exceeds the model's "
@@ -117,9 +119,52 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
       **results,
   }
   common.finish(workdir, summary)
-  logging.info("done in %.0f s: val %.3f bits/byte (uniform 8), expert "
-               "entropy per layer %s bits (max %.2f)", train_time,
-               results["val_bits_per_byte"],
-               [round(h, 3) for h in results["expert_entropy_bits"]],
-               results["max_entropy_bits"])
-  return summary
+  text = (f"trained {mconfig.name} for {config.num_steps} steps in "
+          f"{train_time:.0f} s: val {results['val_bits_per_byte']:.3f} "
+          "bits/byte (uniform 8), expert entropy per layer "
+          f"{[round(h, 3) for h in results['expert_entropy_bits']]} bits "
+          f"(max {results['max_entropy_bits']:.2f}); checkpoint "
+          f"{ckpt_dir}")
+  plot_loss(common.read_metrics(workdir), workdir / LOSS_PLOT,
+            reports.title(f"training loss, batch {config.batch_size} x "
+                          f"{config.seq_len} bytes", model=mconfig.name,
+                          hardware=reports.this_machine(),
+                          budget=f"{config.num_steps} steps, "
+                          f"{summary['tokens_seen']:,} tokens"),
+            results["val_bits_per_byte"])
+  return reports.Report(summary, text)
+
+
+LOSS_PLOT = "loss.png"
+
+
+def plot_loss(records: list[dict[str, Any]], path: pathlib.Path, title: str,
+              val_bits_per_byte: float | None = None) -> str:
+  """Plots the training loss (bits per byte) per logged step, on a log y
+  axis when it spans a decade; returns the y scale."""
+  import matplotlib  # Loaded only to plot.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  if not records:
+    raise ValueError(f"no logged steps to plot in {path.parent}/metrics.jsonl.")
+  steps = [r["step"] for r in records]
+  bits = [r["loss"] / math.log(2) for r in records]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(steps, bits, marker="o", ms=3, label="training loss")
+  if val_bits_per_byte is not None:
+    ax.axhline(val_bits_per_byte, color="k", ls="--", lw=0.8,
+               label=f"validation, final: {val_bits_per_byte:.3f}")
+  ax.axhline(UNIFORM_BITS_PER_BYTE, color="r", ls=":", lw=0.8,
+             label="uniform over 256 bytes (8 bits)")
+  positive = [b for b in bits if b > 0]
+  if positive and max(positive) / min(positive) >= 10:
+    ax.set_yscale("log")
+  ax.set(xlabel="step", ylabel="bits per byte")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return ax.get_yscale()

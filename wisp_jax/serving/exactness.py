@@ -54,7 +54,7 @@ from wisp_jax.serving.generate import generate
 MODELS = ("tiny", "default", "mixtral-8x7b-small", "qwen3-30b-a3b-small",
           "olmoe-1b-7b-small")
 DTYPES = ("float32", "bfloat16")
-POLICIES = ("lru", "lfu", "fifo", "ws", "pinned")
+POLICIES = ("lru", "lfu", "fifo", "ws", "pinned", "lrfu", "lrfu_gate")
 POLICY_OPTIONS = {"ws": {"tau": 4}, "lfu": {"age_every": 16}}
 # Each value caps XLA:CPU's instruction set as an older CPU would.
 ISAS = ("SSE4_2", "AVX", "AVX2", "AVX512")

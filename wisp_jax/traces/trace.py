@@ -12,6 +12,13 @@ ids and gate weights of every layer. Columns (N events, L layers, K top-k):
   ids       [N, L, K]   int16 (E <= 32767) or int32 expert ids, 0 <= id < E.
   weights   [N, L, K]   float32 gate weights, in the same order as `ids`.
 
+Optional (absent from older files, which load unchanged):
+
+  lookahead_ids [N, L, K] int16/int32 the gate lookahead's prediction for
+                          layer l+1 made at layer l (layer l+1's router on
+                          layer l's post-attention hidden state), -1 where
+                          none was recorded (always at the last layer).
+
 Saved as a compressed `.npz` with a `schema_version`; `load` validates every
 field before anything else touches it, and refuses a file it cannot read
 (empty, truncated, not an npz, a CRC error in a member) with a `LoadError`
@@ -33,6 +40,7 @@ from wisp_jax.errors import LoadError, MissingFileError
 SCHEMA_VERSION = 1
 PREFILL, DECODE, UNKNOWN = 0, 1, -1
 _COLUMNS = ("step", "request", "phase", "position", "ids", "weights")
+_OPTIONAL = ("lookahead_ids",)
 _METADATA = ("num_experts", "model", "source")
 
 
@@ -113,6 +121,17 @@ def _check_fields(step, request, phase, position, ids, weights,
     _fail("weights", "contains NaN or infinity")
 
 
+def _check_lookahead(look: np.ndarray, shape: tuple, num_experts: int
+                     ) -> None:
+  if look.shape != shape:
+    _fail("lookahead_ids", f"shape {look.shape} differs from ids {shape}")
+  if look.size and not np.issubdtype(look.dtype, np.integer):
+    _fail("lookahead_ids", f"dtype must be an integer type, got {look.dtype}")
+  if look.size and (int(look.min()) < -1 or int(look.max()) >= num_experts):
+    _fail("lookahead_ids", f"values must lie in [-1, {num_experts}), found "
+          f"[{int(look.min())}, {int(look.max())}]")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RoutingTrace:
   """Per-token, per-layer routing of a run; see the module docstring.
@@ -127,6 +146,8 @@ class RoutingTrace:
     num_experts: E, routed experts per layer.
     model: model name.
     source: where the trace came from (recorder, importer and file, ...).
+    lookahead_ids: `[N, L, K]` recorded gate-lookahead predictions for the
+      next layer (-1: none), or None.
   """
   step: np.ndarray
   request: np.ndarray
@@ -137,6 +158,7 @@ class RoutingTrace:
   num_experts: int
   model: str = ""
   source: str = ""
+  lookahead_ids: np.ndarray | None = None
 
   def __post_init__(self):
     conv = {"step": np.int64, "request": np.int64, "phase": np.int8,
@@ -151,6 +173,11 @@ class RoutingTrace:
     for name, dtype in conv.items():
       object.__setattr__(self, name, raw[name].astype(dtype))
     object.__setattr__(self, "num_experts", int(self.num_experts))
+    if self.lookahead_ids is not None:
+      look = np.asarray(self.lookahead_ids)
+      _check_lookahead(look, self.ids.shape, self.num_experts)
+      object.__setattr__(self, "lookahead_ids",
+                         look.astype(id_dtype(self.num_experts)))
 
   @property
   def num_tokens(self) -> int:
@@ -218,7 +245,9 @@ class RoutingTrace:
     return dataclasses.replace(
         self, step=self.step[keep], request=self.request[keep],
         phase=self.phase[keep], position=self.position[keep],
-        ids=self.ids[keep], weights=self.weights[keep])
+        ids=self.ids[keep], weights=self.weights[keep],
+        lookahead_ids=(None if self.lookahead_ids is None
+                       else self.lookahead_ids[keep]))
 
   def with_inferred_phases(self) -> tuple["RoutingTrace", int]:
     """Phases filled in where UNKNOWN (imported logs carry none).
@@ -249,7 +278,8 @@ class RoutingTrace:
         num_experts=np.int64(self.num_experts),
         top_k=np.int64(self.top_k), num_layers=np.int64(self.num_layers),
         model=np.str_(self.model), source=np.str_(self.source),
-        **{name: getattr(self, name) for name in _COLUMNS})
+        **{name: getattr(self, name) for name in _COLUMNS + _OPTIONAL
+           if getattr(self, name) is not None})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "RoutingTrace":
@@ -311,11 +341,18 @@ class RoutingTrace:
     _check_fields(fields["step"], fields["request"], fields["phase"],
                   fields["position"], ids, fields["weights"],
                   int(fields["num_experts"]))
+    look = fields.get("lookahead_ids")
+    if look is not None:
+      if look.dtype not in (np.int16, np.int32):
+        _fail("lookahead_ids", f"dtype must be int16 or int32, got "
+              f"{look.dtype}")
+      _check_lookahead(look, ids.shape, int(fields["num_experts"]))
     return cls(step=fields["step"], request=fields["request"],
                phase=fields["phase"], position=fields["position"], ids=ids,
                weights=fields["weights"],
                num_experts=int(fields["num_experts"]),
-               model=str(fields["model"]), source=str(fields["source"]))
+               model=str(fields["model"]), source=str(fields["source"]),
+               lookahead_ids=look)
 
 
 def from_generate(output: Any, model_config: Any,
@@ -338,7 +375,9 @@ def from_generate(output: Any, model_config: Any,
     source: free-text provenance stored in the trace.
 
   Returns:
-    the trace, steps numbered 0 (prefill) to max_new_tokens - 1.
+    the trace, steps numbered 0 (prefill) to max_new_tokens - 1; with
+    `lookahead_ids` when the output recorded the gate lookahead
+    (`routing_lookahead`).
   """
   if output.routing_ids is None or output.routing_weights is None:
     raise ValueError("GenerateOutput has no routing; call generate(..., "
@@ -354,7 +393,8 @@ def from_generate(output: Any, model_config: Any,
                      f"{batch} rows; pass one id per prompt.")
   cfg_shape = (model_config.num_layers, model_config.top_k)
   columns = {key: [] for key in ("step", "request", "phase", "position",
-                                 "ids", "weights")}
+                                 "ids", "weights", "lookahead_ids")}
+  looks = getattr(output, "routing_lookahead", None)
   for step, (ids, weights) in enumerate(zip(output.routing_ids,
                                             output.routing_weights)):
     ids, weights = np.asarray(ids), np.asarray(weights, np.float32)
@@ -381,6 +421,13 @@ def from_generate(output: Any, model_config: Any,
     # [L, B, T, K] -> [n, L, K]
     columns["ids"].append(ids[:, b_idx, t_idx].transpose(1, 0, 2))
     columns["weights"].append(weights[:, b_idx, t_idx].transpose(1, 0, 2))
-  merged = {key: np.concatenate(value) for key, value in columns.items()}
+    if looks is not None:
+      look = np.asarray(looks[step])
+      if look.shape != ids.shape:
+        raise ValueError(f"routing_lookahead[{step}] has shape {look.shape}; "
+                         f"routing_ids[{step}] has {ids.shape}.")
+      columns["lookahead_ids"].append(look[:, b_idx, t_idx].transpose(1, 0, 2))
+  merged = {key: np.concatenate(value) for key, value in columns.items()
+            if value}
   return RoutingTrace(num_experts=model_config.num_experts,
                       model=model_config.name, source=source, **merged)

@@ -1,0 +1,2 @@
+"""The config of wisp_jax/configs/replay_bench.py (its docstring: how to run it)."""
+from wisp_jax.configs.replay_bench import get_config  # noqa: F401

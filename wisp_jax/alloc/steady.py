@@ -1,0 +1,306 @@
+"""Steady-state expert traffic of the engine's pass order, every capacity.
+
+The engine runs, per step, one prefill pass per admitted request and then
+one decode pass over the running batch; one LRU cache per layer serves
+every pass (the pager's tick moves once per pass). `engine_curves`
+replays that order on routing taken from a trace:
+
+  * n lanes (the batch); each lane serves requests back to back, a
+    request of prompt p and output o holding it for o - 1 decode passes
+    and starting with one prefill pass (lengths: the workload's samples);
+  * a request's routing is a trace request's (`RequestRouting`): its
+    decode tokens (continued into the next trace request when o - 1 is
+    longer) and its prompt's union of experts (the trace's prefill events;
+    without them, the union of its first p tokens);
+  * lanes start at random points of their first request, and a warm-up
+    is not counted; the caches start with every expert in id order below
+    anything referenced, so nothing is cold: the counts are those of a
+    cache that has run forever (steady state).
+
+`lru_pass_counts` is Mattson's one pass (`sim.mrc`'s reference model) over
+the passes, counting every capacity at once, plus the pager's overflow
+reloads: when a pass needs |U| > c experts, the pager keeps the c
+lowest-id experts of U (the final group); if those c were all resident
+already its early groups evict them and they are loaded again, min(c,
+|U| - c) extra loads (`paging.pager.page_layer`; tested against the
+planner's replay). Loads = misses + those reloads.
+
+From one stream with prefill passes and one with the decode passes alone
+(the same tokens), per level n: decode misses/loads per decode pass
+without prefills, the decode misses/loads each prefill pass adds by
+evicting the decode working set, and the misses/loads of a prefill pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from wisp_jax.traces.trace import PREFILL, RoutingTrace
+
+DECODE_PASS, PREFILL_PASS = 0, 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RequestRouting:
+  """Per-request routing of a trace, for building engine-order streams.
+
+  Attributes:
+    tokens: `[N, L, K]` decode tokens of every request, request after
+      request.
+    starts: `[R]` offset of each request's first decode token.
+    lengths: `[R]` decode tokens of each request.
+    prompts: `[R, L, E]` bool union of each request's prefill experts, or
+      None when the trace has no prefill events.
+    num_experts: E.
+    first_use: `[R, L, E]` tokens from each request's start (cyclically
+      through the requests that follow) to the first use of each expert;
+      the union of a request's first p tokens is `first_use < p`.
+  """
+  tokens: np.ndarray
+  starts: np.ndarray
+  lengths: np.ndarray
+  prompts: np.ndarray | None
+  num_experts: int
+  first_use: np.ndarray
+
+  @property
+  def num_requests(self) -> int:
+    return int(self.starts.size)
+
+  @classmethod
+  def from_trace(cls, trace: RoutingTrace) -> "RequestRouting":
+    """Groups a trace's events by request (decode tokens by position)."""
+    decode = trace.phase != PREFILL
+    if not decode.any():
+      raise ValueError(f"trace {trace.source!r} has no decode events.")
+    ids = trace.ids.astype(np.int64)
+    requests = np.unique(trace.request[decode])
+    order = np.lexsort((trace.position[decode], trace.request[decode]))
+    tokens = ids[decode][order]
+    req = trace.request[decode][order]
+    starts = np.searchsorted(req, requests)
+    lengths = np.diff(np.r_[starts, req.size])
+    num_layers, num_experts = trace.num_layers, trace.num_experts
+    prompts = None
+    prefill = ~decode
+    if prefill.any():
+      prompts = np.zeros((requests.size, num_layers, num_experts), bool)
+      rows = np.searchsorted(requests, trace.request[prefill])
+      known = (rows < requests.size) & (
+          requests[np.minimum(rows, requests.size - 1)] ==
+          trace.request[prefill])
+      layer = np.arange(num_layers)[None, :, None]
+      prompts[rows[known][:, None, None], layer, ids[prefill][known]] = True
+    # First use of (l, e) at or after each request's start, cyclically.
+    total = tokens.shape[0]
+    first = np.full((requests.size, num_layers, num_experts), total,
+                    np.int64)
+    hit = np.zeros((total, num_layers, num_experts), bool)
+    hit[np.arange(total)[:, None, None], np.arange(num_layers)[None, :, None],
+        tokens] = True
+    for l in range(num_layers):
+      for e in range(num_experts):
+        where = np.flatnonzero(hit[:, l, e])
+        if where.size == 0:
+          continue
+        cyc = np.r_[where, where + total]
+        nxt = cyc[np.searchsorted(cyc, starts)]
+        first[:, l, e] = nxt - starts
+    return cls(tokens=tokens, starts=starts, lengths=lengths,
+               prompts=prompts, num_experts=num_experts, first_use=first)
+
+  def prompt_mask(self, request: int, prompt_len: int) -> np.ndarray:
+    """`[L, E]` experts of the prompt of trace request `request`."""
+    if self.prompts is not None:
+      return self.prompts[request]
+    return self.first_use[request] < max(int(prompt_len), 1)
+
+
+def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
+                  lanes: int, steps: int, warmup: int, seed: int = 0,
+                  prefills: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The engine's passes for `lanes` running requests.
+
+  Returns:
+    masks `[P, L, E]` bool needed experts of each pass, kinds `[P]`
+    (DECODE_PASS or PREFILL_PASS) and measured `[P]` bool (False during
+    the first `warmup` steps).
+  """
+  rng = np.random.default_rng(seed)
+  p_all = np.asarray(prompt_lens, np.int64)
+  o_all = np.asarray(output_lens, np.int64)
+  total_steps = warmup + steps
+  num_tokens, num_layers, _ = routing.tokens.shape
+  token_at = np.zeros((lanes, total_steps), np.int64)
+  starts: list[list[tuple[int, int, int]]] = [[] for _ in range(total_steps)]
+  for lane in range(lanes):
+    t, first = 0, True
+    while t < total_steps:
+      i = int(rng.integers(p_all.size))
+      r = int(rng.integers(routing.num_requests))
+      length = int(o_all[i]) - 1
+      if length < 1:  # ends at its prefill; the lane admits another
+        if not first and prefills:
+          starts[t].append((lane, r, int(p_all[i])))
+        continue
+      skip = int(rng.integers(length)) if first else 0
+      if not first and prefills:
+        starts[t].append((lane, r, int(p_all[i])))
+      first = False
+      take = min(length - skip, total_steps - t)
+      token_at[lane, t:t + take] = (routing.starts[r] + skip +
+                                    np.arange(take)) % num_tokens
+      t += take
+  layer = np.arange(num_layers)[None, None, :, None]
+  decode = np.zeros((total_steps, num_layers, routing.num_experts), bool)
+  ids = routing.tokens[token_at]  # [lanes, S, L, K]
+  decode[np.arange(total_steps)[None, :, None, None], layer, ids] = True
+  masks, kinds, measured = [], [], []
+  for t in range(total_steps):
+    for _, r, p in starts[t]:
+      masks.append(routing.prompt_mask(r, p))
+      kinds.append(PREFILL_PASS)
+      measured.append(t >= warmup)
+    masks.append(decode[t])
+    kinds.append(DECODE_PASS)
+    measured.append(t >= warmup)
+  return np.stack(masks), np.asarray(kinds), np.asarray(measured)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassCounts:
+  """LRU counts of one kind of pass, every capacity.
+
+  Attributes:
+    passes: passes counted.
+    references: `[L]` experts needed, summed over passes.
+    misses: `[L, E + 1]` misses at capacity c (index c).
+    loads: `[L, E + 1]` copies at capacity c (misses + overflow reloads).
+  """
+  passes: int
+  references: np.ndarray
+  misses: np.ndarray
+  loads: np.ndarray
+
+
+def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
+                    measured: np.ndarray, num_kinds: int = 2
+                    ) -> list[PassCounts]:
+  """Mattson's pass over `masks` `[P, L, E]`, counts per kind of pass."""
+  num_passes, num_layers, num_experts = masks.shape
+  width = num_experts + 1
+  tie = num_experts - 1 - np.arange(num_experts)
+  last = np.full((num_layers, num_experts), -1, np.int64)
+  flat = np.arange(num_layers)[:, None] * width
+  hist = np.zeros((num_kinds, num_layers * width))
+  extra = np.zeros((num_kinds, num_layers * width))
+  refs = np.zeros((num_kinds, num_layers))
+  count = np.zeros(num_kinds, np.int64)
+  position = np.empty((num_layers, num_experts), np.int64)
+  ranks = np.broadcast_to(np.arange(num_experts), (num_layers, num_experts))
+  for i in range(num_passes):
+    need = masks[i]
+    if measured[i]:
+      kind = kinds[i]
+      key = last * num_experts + tie
+      np.put_along_axis(position, np.argsort(-key, axis=1), ranks, axis=1)
+      hist[kind] += np.bincount((flat + position)[need],
+                                minlength=num_layers * width)
+      size = need.sum(axis=1)
+      refs[kind] += size
+      # Overflow: the c lowest-id needed experts all resident -> reloads.
+      worst = np.maximum.accumulate(np.where(need, position, -1), axis=1)
+      rank = np.cumsum(need, axis=1)
+      reload = need & (worst < rank) & (rank < size[:, None])
+      if reload.any():
+        extra[kind] += np.bincount(
+            (flat + rank)[reload], minlength=num_layers * width,
+            weights=np.minimum(rank, size[:, None] - rank)[reload])
+      count[kind] += 1
+    last[need] = i
+  out = []
+  for kind in range(num_kinds):
+    h = hist[kind].reshape(num_layers, width)
+    hits = np.concatenate([np.zeros((num_layers, 1)),
+                           np.cumsum(h[:, :-1], axis=1)], axis=1)
+    misses = refs[kind][:, None] - hits
+    out.append(PassCounts(passes=int(count[kind]), references=refs[kind],
+                          misses=misses, loads=misses + extra[kind].reshape(
+                              num_layers, width)))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCurves:
+  """Per-level steady-state traffic (levels n = `concurrency`).
+
+  Per decode pass without prefills: `misses`, `loads` `[N, L, E + 1]`,
+  `references` `[N, L]`. Per prefill pass: `prefill_misses`,
+  `prefill_loads`, `prefill_references`, and the decode misses/loads it
+  adds (`eviction_misses`, `eviction_loads`). `prefill_rate` `[N]`:
+  prefill passes per decode pass in the measured stream.
+  """
+  concurrency: np.ndarray
+  misses: np.ndarray
+  loads: np.ndarray
+  references: np.ndarray
+  prefill_misses: np.ndarray
+  prefill_loads: np.ndarray
+  prefill_references: np.ndarray
+  eviction_misses: np.ndarray
+  eviction_loads: np.ndarray
+  prefill_rate: np.ndarray
+
+
+def engine_curves(routing: RequestRouting, prompt_lens, output_lens,
+                  levels: Sequence[int], steps: int | None = None,
+                  warmup: int | None = None, seed: int = 0) -> EngineCurves:
+  """Steady-state traffic at each level (see the module docstring).
+
+  Args:
+    routing: per-request routing of a profiling trace.
+    prompt_lens, output_lens: the workload's length samples.
+    levels: batch sizes n to measure.
+    steps: decode steps measured per level (default 6 mean lifetimes,
+      at least 400).
+    warmup: steps not measured (default one mean lifetime, at least 32).
+    seed: lane schedules.
+  """
+  o = np.asarray(output_lens, np.int64)
+  life = float(np.maximum(o - 1, 1).mean())
+  steps = int(steps or max(400, 6 * life))
+  warmup = int(warmup if warmup is not None else max(32, life))
+  fields = {k: [] for k in ("misses", "loads", "references", "pm", "pl",
+                            "pr", "em", "el", "rate")}
+  for n in levels:
+    masks, kinds, measured = engine_stream(routing, prompt_lens, output_lens,
+                                           int(n), steps, warmup,
+                                           seed + 1000 * int(n))
+    decode, prefill = lru_pass_counts(masks, kinds, measured)
+    alone = lru_pass_counts(masks[kinds == DECODE_PASS],
+                            kinds[kinds == DECODE_PASS],
+                            measured[kinds == DECODE_PASS])[DECODE_PASS]
+    steps_n = max(alone.passes, 1)
+    rate = prefill.passes / steps_n
+    per = max(prefill.passes, 1)
+    fields["misses"].append(alone.misses / steps_n)
+    fields["loads"].append(alone.loads / steps_n)
+    fields["references"].append(alone.references / steps_n)
+    fields["pm"].append(prefill.misses / per)
+    fields["pl"].append(prefill.loads / per)
+    fields["pr"].append(prefill.references / per)
+    # Decode traffic the prefill passes add, per prefill pass.
+    fields["em"].append((decode.misses - alone.misses) / per)
+    fields["el"].append((decode.loads - alone.loads) / per)
+    fields["rate"].append(rate)
+  s = lambda k: np.stack(fields[k])
+  return EngineCurves(
+      concurrency=np.asarray(levels, np.float64), misses=s("misses"),
+      loads=s("loads"), references=s("references"), prefill_misses=s("pm"),
+      prefill_loads=s("pl"), prefill_references=s("pr"),
+      eviction_misses=s("em"), eviction_loads=s("el"),
+      prefill_rate=np.asarray(fields["rate"]))

@@ -1,0 +1,330 @@
+"""The throughput model checked against executed engine runs.
+
+`run(config, workdir)`; see configs/model_check.py. For every workload
+(a model preset with random weights, request lengths, a batch of C) and
+every split (uniform slots, KV blocks):
+
+  1. profile: the routing of *other* requests of the same distribution
+     (another prompt seed), recorded with `serving.record.record`, gives
+     the routing curves, as the offline configurator would get them;
+  2. execute: the serving engine serves a closed loop of C requests (a
+     finished request is replaced at once) with max batch C; a wrapper
+     around the executor counts every pass (prefill or decode, its rows,
+     context, hits, misses and copies); the steady window runs from
+     `warmup_steps` to the last step that still had C requests;
+  3. predict: `alloc.throughput.prediction` for the run's lengths, the
+     profile's curves and the split, at max batch C;
+  4. compare per run: mean decode batch, expert misses per decode pass,
+     expert copies per prefill pass, preemptions per step, KV blocks in
+     use, and modelled seconds per output token (each side's counts priced
+     by the same `sim.cost.step_cost`).
+
+Workloads tagged `fit` were used to fix the model; `held` ones were not
+(the report gives the agreement of each set). Writes `config.json`,
+`metrics.jsonl` (one line per run), `summary.json` and
+`predicted_vs_executed.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from wisp_jax.alloc import throughput
+from wisp_jax.alloc.curves import curves_from_trace
+from wisp_jax.alloc.split import Split
+from wisp_jax.alloc.workload import Workload
+from wisp_jax.models import config as config_lib
+from wisp_jax.models.transformer import MoEModel
+from wisp_jax.runs import common
+from wisp_jax.runs import reports
+from wisp_jax.serving import record as record_lib
+from wisp_jax.serving import request_stream
+from wisp_jax.serving.engine import Engine
+from wisp_jax.sim import cost
+from wisp_jax.sim.hardware import get_profile
+from wisp_jax.traces.trace import PREFILL
+
+# (name, what the model predicts, what the engine executed).
+METRICS = (
+    ("batch", "mean decode batch"),
+    ("decode_misses", "expert misses per decode pass"),
+    ("prefill_loads", "expert copies per prefill pass"),
+    ("preemptions", "preemptions per step"),
+    ("kv_in_use", "KV blocks in use"),
+    ("seconds_per_token", "modelled seconds per output token"),
+)
+# Below these, both sides count as equal (rates of rare events).
+ABSOLUTE = {"preemptions": 0.01}
+
+
+@dataclasses.dataclass
+class Pass:
+  """One executed forward pass."""
+  kind: str
+  rows: int
+  context: int
+  hits: int
+  misses: int
+  loads: int
+
+
+class PassRecorder:
+  """Wraps an engine's executor so every pass is counted (pager counters
+  before and after each call)."""
+
+  def __init__(self, engine: Engine):
+    self.executor = engine.executor
+    self.passes: list[Pass] = []
+    inner = self.executor.run
+
+    def run(rows, batch, t, kind):
+      before = self.executor.counters.sum(axis=1)
+      out = inner(rows, batch, t, kind)
+      hits, misses, loads = (int(x) for x in
+                             self.executor.counters.sum(axis=1) - before)
+      context = (len(rows[0].tokens) if kind == "prefill" else
+                 sum(int(r.length) + 1 for r in rows))
+      self.passes.append(Pass(kind, len(rows), context, hits, misses, loads))
+      return out
+
+    self.executor.run = run
+
+  def take(self) -> list[Pass]:
+    out, self.passes = self.passes, []
+    return out
+
+
+def make_model(preset: str, seed: int, dtype: str) -> MoEModel:
+  return MoEModel(config_lib.get_config(preset), rngs=nnx.Rngs(seed),
+                  dtype=jnp.dtype(dtype))
+
+
+def make_requests(wc, vocab_size: int, seed: int):
+  return request_stream.synthetic_workload(
+      wc.num_requests, (wc.prompt_len_min, wc.prompt_len_max),
+      (wc.output_len_min, wc.output_len_max), "all", 1.0, vocab_size, 0.0,
+      seed)
+
+
+def profile_curves(model: MoEModel, wc, seed: int):
+  """Routing curves of `profile_requests` other requests (recorded in
+  waves of 8, each cut to its own output length)."""
+  requests = make_requests(dict_to_config(wc, num_requests=wc.profile_requests),
+                           model.config.vocab_size, seed)
+  longest = max(r.max_new_tokens for r in requests)
+  trace = record_lib.record(model, [r.prompt for r in requests], longest, 8,
+                            equal_length=False,
+                            source=f"model_check profile seed {seed}")
+  last = {i: len(r.prompt) + r.max_new_tokens - 1
+          for i, r in enumerate(requests)}
+  keep = (trace.phase == PREFILL) | (trace.position < np.vectorize(
+      last.get)(trace.request))
+  return curves_from_trace(trace.select(keep))
+
+
+def dict_to_config(wc, **changes):
+  out = ml_collections.ConfigDict(wc.to_dict())
+  for key, value in changes.items():
+    out[key] = value
+  return out
+
+
+def serve(model: MoEModel, requests, split: Split, wc, num_slots: int,
+          warmup: int) -> dict[str, Any]:
+  """Closed loop of `wc.concurrency` requests; executed rates over the
+  steady window."""
+  c = wc.concurrency
+  engine = Engine(model, None, split.slots_per_layer, split.kv_blocks,
+                  wc.block_size, c, min_prefill_bucket=32,
+                  num_slots=num_slots)
+  recorder = PassRecorder(engine)
+  pending = list(requests)
+  steps, last_full = [], None
+  while pending or engine.has_work:
+    while pending and engine.num_running + engine.queue_length < c:
+      engine.submit(pending.pop(0))
+    if not pending and last_full is None:
+      last_full = len(steps)
+    record = engine.step()
+    steps.append((record, recorder.take()))
+    engine.pop_finished()
+  engine.close()
+  window = steps[warmup:last_full]
+  if len(window) < 20:
+    raise ValueError(f"only {len(window)} steady steps: raise num_requests "
+                     f"(now {wc.num_requests}) or lower warmup_steps.")
+  return {"steps": window, "num_steps": len(window)}
+
+
+def executed_rates(window, model_config, hardware, bytes_per_param: int
+                   ) -> dict[str, float]:
+  """What the engine did per step over the window, and its modelled time
+  (each pass priced at its own rows, context and needed experts)."""
+  tau = cost.expert_bytes(model_config, bytes_per_param) / (
+      hardware.h2d_bytes_per_s)
+  decode = [p for _, ps in window for p in ps if p.kind == "decode"]
+  prefill = [p for _, ps in window for p in ps if p.kind == "prefill"]
+  records = [r for r, _ in window]
+  n = len(records)
+  seconds = 0.0
+  for p in decode + prefill:
+    batch = p.rows if p.kind == "decode" else 1
+    context = p.context / p.rows if p.kind == "decode" else p.context
+    seconds += cost.step_cost(
+        model_config, hardware, batch=batch,
+        context_len=max(int(round(context)), 1), mode="paged",
+        phase=p.kind, misses=0, needed_experts=p.hits + p.misses,
+        bytes_per_param=bytes_per_param).total_s + tau * p.loads
+  tokens = sum(r.batch_size + r.prefills for r in records)
+  return {
+      "batch": float(np.mean([p.rows for p in decode])),
+      "decode_misses": float(np.mean([p.misses for p in decode])),
+      "decode_loads": float(np.mean([p.loads for p in decode])),
+      "prefill_loads": float(np.mean([p.loads for p in prefill]))
+                       if prefill else 0.0,
+      "prefills": len(prefill) / n,
+      "preemptions": sum(r.preemptions for r in records) / n,
+      "kv_in_use": float(np.mean([r.kv_blocks_in_use for r in records])),
+      "tokens_per_step": tokens / n,
+      "seconds_per_token": seconds / tokens}
+
+
+def predicted_rates(workload: Workload, split: Split, max_batch: int
+                    ) -> dict[str, float]:
+  p = throughput.prediction(workload, split, max_batch=max_batch, fixed=True)
+  return {"batch": p.batch, "decode_misses": p.decode_misses_per_step,
+          "decode_loads": p.decode_loads_per_step,
+          "prefill_loads": p.prefill_loads_per_prefill,
+          "prefills": p.prefills_per_step,
+          "preemptions": p.preemptions_per_step,
+          "kv_in_use": p.kv_blocks_in_use,
+          "tokens_per_step": p.tokens_per_step,
+          "seconds_per_token": p.seconds_per_token}
+
+
+def relative_error(name: str, predicted: float, executed: float) -> float:
+  floor = ABSOLUTE.get(name, 0.0)
+  if abs(predicted - executed) <= floor:
+    return 0.0
+  return predicted / executed - 1.0 if executed else float("inf")
+
+
+def splits_of(wc, num_layers: int) -> list[Split]:
+  slots = [int(s) for s in reports.split_names(str(wc.slots))]
+  blocks = [int(b) for b in reports.split_names(str(wc.kv_blocks))]
+  return [Split.make(s, b, num_layers) for s in slots for b in blocks]
+
+
+def _plot(rows, path: pathlib.Path) -> None:
+  fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
+  for ax, (name, label) in zip(axes.ravel(), METRICS):
+    for tag, marker in (("fit", "o"), ("held", "^")):
+      pts = [(r["executed"][name], r["predicted"][name]) for r in rows
+             if r["set"] == tag]
+      if pts:
+        x, y = np.array(pts).T
+        ax.scatter(x, y, marker=marker, label=f"{tag} workloads")
+    values = [v for r in rows for v in (r["executed"][name],
+                                        r["predicted"][name])]
+    top = max(values + [1e-9]) * 1.08
+    line = np.linspace(0, top, 2)
+    ax.plot(line, line, "k-", lw=0.8)
+    ax.fill_between(line, 0.95 * line, 1.05 * line, color="k", alpha=0.1,
+                    label="within 5%")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("executed")
+    ax.set_ylabel("predicted")
+    ax.set_title(label, fontsize=10)
+  axes[0, 0].legend(fontsize=7)
+  fig.suptitle("Throughput model vs executed engine runs (one point per run)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _agreement(rows, tag: str) -> dict[str, Any]:
+  chosen = [r for r in rows if r["set"] == tag]
+  out = {}
+  for name, _ in METRICS:
+    errors = [abs(r["error"][name]) for r in chosen]
+    out[name] = {"worst_abs_error": max(errors) if errors else None,
+                 "median_abs_error": float(np.median(errors)) if errors
+                 else None,
+                 "within_5pct": sum(e <= 0.05 for e in errors),
+                 "runs": len(errors)}
+  return out
+
+
+def run(config: ml_collections.ConfigDict,
+        workdir: str | pathlib.Path) -> reports.Report:
+  """Runs every workload and split; returns the summary."""
+  reports.start_logging()
+  out = common.start(workdir, config)
+  hardware = get_profile(config.hardware)
+  models, rows = {}, []
+  with open(common.metrics_path(out), "w") as metrics:
+    for name, wc in config.workloads.items():
+      if wc.preset not in models:
+        models[wc.preset] = make_model(wc.preset, config.seed, config.dtype)
+      model = models[wc.preset]
+      mc = model.config
+      curves = profile_curves(model, wc, wc.seed + 1000)
+      requests = make_requests(wc, mc.vocab_size, wc.seed)
+      prompt = np.array([len(r.prompt) for r in requests])
+      output = np.array([r.max_new_tokens for r in requests])
+      workload = Workload(model=mc, hardware=hardware, prompt_lens=prompt,
+                          output_lens=output, concurrency=wc.concurrency,
+                          curves=curves,
+                          bytes_per_param=config.bytes_per_param,
+                          block_size=wc.block_size, name=name)
+      splits = splits_of(wc, mc.num_layers)
+      num_slots = max(max(s.slots_per_layer) for s in splits)
+      for split in splits:
+        executed = serve(model, requests, split, wc, num_slots,
+                         config.warmup_steps)
+        got = executed_rates(executed["steps"], mc, hardware,
+                             config.bytes_per_param)
+        want = predicted_rates(workload, split, wc.concurrency)
+        row = {"workload": name, "set": wc.set, "preset": wc.preset,
+               "slots": split.slots_per_layer[0], "kv_blocks":
+               split.kv_blocks, "steady_steps": executed["num_steps"],
+               "executed": got, "predicted": want,
+               "error": {k: relative_error(k, want[k], got[k])
+                         for k in got}}
+        rows.append(row)
+        metrics.write(json.dumps(row) + "\n")
+        logging.info(
+            "%-14s %-4s slots %2d KV %4d: %s", name, wc.set,
+            row["slots"], row["kv_blocks"],
+            " ".join(f"{k} {want[k]:.3g}/{got[k]:.3g}" for k, _ in METRICS))
+  summary = {"hardware": hardware.name, "metrics": dict(METRICS),
+             "agreement": {"fit": _agreement(rows, "fit"),
+                           "held": _agreement(rows, "held")},
+             "runs": rows}
+  common.finish(out, summary)
+  _plot(rows, out / "predicted_vs_executed.png")
+  table = reports.text_table(
+      ["workload", "set", "slots", "KV"] + [m for m, _ in METRICS],
+      [[r["workload"], r["set"], r["slots"], r["kv_blocks"]] +
+       [f"{r['error'][m]:+.1%}" for m, _ in METRICS] for r in rows])
+  text = ("predicted / executed - 1 per run:\n" + table + "\n\nworst |error| "
+          "on held-aside workloads: " + ", ".join(
+              f"{m} {v['worst_abs_error']:.1%}" for m, v in
+              summary["agreement"]["held"].items()
+              if v["worst_abs_error"] is not None))
+  logging.info("\n%s", text)
+  return reports.Report(summary, text)
