@@ -70,7 +70,7 @@ def test_docstring_shows_an_override_and_the_machine_of_timings(name):
 
 def test_get_refuses_an_unknown_config():
   with pytest.raises(ValueError, match="unknown config 'simulat'; known "
-                     "configs: alloc_sweep"):
+                     "configs: alloc_eval, alloc_sweep"):
     configs.get("simulat")
 
 

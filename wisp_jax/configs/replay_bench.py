@@ -42,10 +42,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       {"lfu": {"age_every": 64}, "ws": {"tau": 8}})
   config.repeats = 3  # timed runs per measurement
   config.p_keep = 0.8  # sticky trace: keep probability
+  # LRU replay vs a plain-Python LRU, interleaved (single-stream or any
+  # batch whose steps need at most `capacity` experts per layer).
+  config.vs_python = True
+  config.many_capacities = "8,12,16,20,24,32,40,48"  # for replay_many
+  config.max_spread = 3.0
   config.seed = 0
   if arg == configs.TINY:
     config.num_layers, config.num_experts, config.top_k = 2, 8, 2
     config.num_tokens, config.num_requests = 256, 4
     config.capacity = 4
     config.repeats = 1
+    config.many_capacities = "2,4,6"
   return config

@@ -1,0 +1,61 @@
+"""Tests of the executed side of wisp_jax/runs/model_check.py: the rates
+counted from recorded passes and the comparison's arithmetic. (The whole
+check serves real engine runs: `experiments/model_check.py
+--config=configs/model_check.py:tiny`, about a minute, is not in CI.)"""
+
+import dataclasses
+
+import pytest
+
+from wisp_jax.alloc.split import Split
+from wisp_jax.models.config import get_config
+from wisp_jax.runs import model_check
+from wisp_jax.sim import cost
+from wisp_jax.sim.hardware import get_profile
+
+
+@dataclasses.dataclass
+class Record:  # the fields of an engine step record that are read
+  batch_size: int
+  prefills: int
+  preemptions: int
+  kv_blocks_in_use: int
+
+
+P = model_check.Pass
+
+
+def test_executed_rates_by_hand():
+  c, hw = get_config("tiny"), get_profile("rtx3090")
+  window = [
+      (Record(2, 1, 0, 10), [P("prefill", 1, 12, 1, 3, 4),
+                             P("decode", 2, 30, 2, 2, 2)]),
+      (Record(2, 0, 1, 14), [P("decode", 2, 34, 3, 1, 3)]),
+  ]
+  got = model_check.executed_rates(window, c, hw, 2)
+  assert got["batch"] == 2.0
+  assert got["decode_misses"] == 1.5 and got["decode_loads"] == 2.5
+  assert got["prefill_loads"] == 4.0 and got["prefills"] == 0.5
+  assert got["preemptions"] == 0.5 and got["kv_in_use"] == 12.0
+  assert got["tokens_per_step"] == (2 + 1 + 2 + 0) / 2
+  tau = cost.expert_bytes(c, 2) / hw.h2d_bytes_per_s
+
+  def priced(phase, batch, context, needed, loads):
+    return cost.step_cost(c, hw, batch=batch, context_len=context,
+                          mode="paged", phase=phase, misses=0,
+                          needed_experts=needed,
+                          bytes_per_param=2).total_s + tau * loads
+
+  seconds = (priced("prefill", 1, 12, 4, 4) + priced("decode", 2, 15, 4, 2)
+             + priced("decode", 2, 17, 4, 3))
+  assert got["seconds_per_token"] == pytest.approx(seconds / 5, rel=1e-12)
+
+
+def test_relative_error_and_splits():
+  assert model_check.relative_error("batch", 5.5, 5.0) == pytest.approx(0.1)
+  # Rare events: within the absolute floor both sides count as equal.
+  assert model_check.relative_error("preemptions", 0.012, 0.005) == 0.0
+  assert model_check.relative_error("decode_misses", 1.0, 0.0) == float("inf")
+  wc = type("W", (), {"slots": "2,4", "kv_blocks": "20"})()
+  assert model_check.splits_of(wc, 2) == [Split.make(2, 20, 2),
+                                          Split.make(4, 20, 2)]
