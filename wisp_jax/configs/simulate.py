@@ -19,7 +19,9 @@ The shipped default model recorded on real-text prompts:
       --workdir=workdirs/simulate_record
 
 Another preset's sizes (synthetic trace with its L/E/K), e.g.
-`--config=configs/simulate.py:mixtral-8x7b` or `:qwen3-30b-a3b` (the
+`--config=configs/simulate.py:mixtral-8x7b` (bf16 Mixtral cannot run
+paged on a 24 GiB card: add `--config.expert_bytes_per_param=0.5` for int4
+experts) or `:qwen3-30b-a3b` (the
 `tiny` preset's sizes: `--config.model=tiny`). Replay a
 saved trace with `--config.trace=workdirs/record/trace.npz` (the preset must
 have the trace's E). Override fields as usual, e.g.
@@ -66,6 +68,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.budget_bytes = tuple(b * GIB for b in (2, 3, 4, 6, 8, 12, 16))
   config.workspace_bytes = 512 * MIB  # activations, scratch
   config.context_len = 1024  # KV tokens per row, for cost and KV reserve
+  # Stored widths: experts at 2 (bf16), 1 (int8) or 0.5 (int4) bytes per
+  # parameter (dense weights stay bf16); KV values at 2 (bf16) or 1 (fp8).
+  config.expert_bytes_per_param = 2.0
+  config.kv_bytes_per_value = 2.0
+  # A budget above the profile's memory is refused unless this is set
+  # (what-if studies of a bigger card).
+  config.allow_oversize = False
+  # `pinned` keeps the experts most used in this first fraction of the
+  # trace (a profiling run) and streams its misses.
+  config.pinned_profile_fraction = 0.25
 
   config.policies = ("lru", "lfu", "fifo", "ws", "min")
   config.policy_options = ml_collections.ConfigDict(
