@@ -9,6 +9,19 @@ step holding the c experts of U with the largest keys (ties: lower id).
 """
 
 
+def end_of_step(cache, needed, capacity, key):
+  """The cache after a step (the module docstring's rule), `key(e)` a
+  tuple, larger = more worth keeping."""
+  if len(needed) > capacity:
+    ranked = sorted(needed, key=lambda e: (tuple(-k for k in key(e)), e))
+    return set(ranked[:capacity])
+  cache = cache | needed
+  while len(cache) > capacity:
+    victim = min(cache - needed, key=lambda e: (key(e), -e))
+    cache.remove(victim)
+  return cache
+
+
 def replay(policy, steps, capacity, hot_set=(), tau=8, age_every=0):
   """Returns per-step (hits, misses) of `policy` over `steps` (sets)."""
   cache = set(hot_set)
@@ -39,14 +52,7 @@ def replay(policy, steps, capacity, hot_set=(), tau=8, age_every=0):
         return (int(lu > tick - tau), lu)
       raise ValueError(policy)
 
-    if len(needed) > capacity:
-      ranked = sorted(needed, key=lambda e: (tuple(-k for k in key(e)), e))
-      cache = set(ranked[:capacity])
-      continue
-    cache |= needed
-    while len(cache) > capacity:
-      victim = min(cache - needed, key=lambda e: (key(e), -e))
-      cache.remove(victim)
+    cache = end_of_step(cache, needed, capacity, key)
   return out
 
 
@@ -109,12 +115,5 @@ def decayed_replay(steps, capacity, half_life, gates=None, one=1024,
     def key(e):
       return (score.get(e, 0), last_use.get(e, -1))
 
-    if len(needed) > capacity:
-      ranked = sorted(needed, key=lambda e: (tuple(-k for k in key(e)), e))
-      cache = set(ranked[:capacity])
-      continue
-    cache |= needed
-    while len(cache) > capacity:
-      victim = min(cache - needed, key=lambda e: (key(e), -e))
-      cache.remove(victim)
+    cache = end_of_step(cache, needed, capacity, key)
   return out

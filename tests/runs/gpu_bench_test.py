@@ -1,22 +1,15 @@
 """Tests of wisp_jax/runs/gpu_bench.py on the CPU backend (tiny config)."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
+from wisp_jax import configs
 from wisp_jax.runs import gpu_bench
 from wisp_jax.sim import hardware
 
-CONFIG = pathlib.Path(__file__).parents[2] / "configs" / "gpu_bench.py"
-
-
 def _config():
-  spec = importlib.util.spec_from_file_location("gpu_bench_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = configs.get("gpu_bench", "tiny")
   config.copy_sizes_mib = (1, 2)
   config.copy_repeats = 2
   config.policies = ("lru",)

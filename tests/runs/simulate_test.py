@@ -1,28 +1,21 @@
 """Tests of wisp_jax/runs/simulate.py on the `tiny` config."""
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
+
+from wisp_jax import configs
 
 from wisp_jax.models.config import get_config as get_preset
 from wisp_jax.runs import simulate
 from wisp_jax.sim import cost, mrc
 from wisp_jax.traces import synthetic
 
-CONFIG_FILE = pathlib.Path(__file__).parents[2] / "configs" / "simulate.py"
-
-
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("simulate_config",
-                                                CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return configs.get("simulate", "tiny")
 
 
 @pytest.fixture(scope="module")

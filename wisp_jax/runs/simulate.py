@@ -555,9 +555,17 @@ def _plot(summary: dict[str, Any], workdir: pathlib.Path,
   mattson = summary["mattson_lru_hit_rate"]
   ax.plot(range(len(mattson)), mattson, color="0.7", lw=1,
           label="LRU (Mattson, every S)")
-  for name, rates in summary["hit_rate"].items():
-    ax.plot(caps, rates, marker="o", ls="--" if name == "min" else "-",
-            label=name.upper() if name == "min" else name)
+  rates_of = summary["hit_rate"]
+  for name, rates in rates_of.items():
+    label = name.upper() if name == "min" else name
+    # At a fixed slot count ws evicts in LRU order (paging/policies.py), so
+    # its line lies on LRU's: say so, and draw it dotted on top.
+    same = (name == "ws" and "lru" in rates_of
+            and np.allclose(rates, rates_of["lru"]))
+    if same:
+      label = "ws (= lru at a fixed slot count)"
+    ax.plot(caps, rates, marker="." if same else "o",
+            ls=":" if same else "--" if name == "min" else "-", label=label)
   t = summary["trace"]
   ax.set(xlabel="slots per layer", ylabel="hit rate", ylim=(0, 1.02))
   ax.set_title(f"{t['model'] or 'imported'} trace, {t['num_events']:,} "
