@@ -207,3 +207,32 @@ def test_bad_config(tmp_path):
   config.capacities = (0, 4)
   with pytest.raises(ValueError, match=r"capacities \[0\]"):
     simulate.run(config, tmp_path)
+
+
+def test_compressed_bank_and_tier_modes(tmp_path):
+  config = tiny_config()
+  config.compression.ratio = 1.5
+  config.compression.decode_bytes_per_s = 1e11
+  summary = simulate.run(config, tmp_path)
+  model = get_preset("default")
+  one = cost.expert_bytes(model)
+  assert "paged+zbank" in summary["table"]
+  for row in summary["budgets"]:
+    modes = row["modes"]
+    paged, bank, tier = (modes["paged"], modes["paged_compressed_bank"],
+                         modes["paged_compressed_tier"])
+    assert bank["fits"] == tier["fits"] == paged["fits"]
+    if not paged["fits"]:
+      continue
+    # The bank keeps paged's slots and moves the same experts, compressed.
+    assert bank["slots_per_layer"] == paged["slots_per_layer"]
+    assert bank["bytes_per_pass"] == pytest.approx(
+        paged["bytes_per_pass"] / 1.5)
+    # The tier's bytes hold 1.5x the slots (at most E), so it hits more.
+    assert tier["slots_per_layer"] == [
+        min(int(c * 1.5), model.num_experts) for c in paged["slots_per_layer"]]
+    assert tier["hit_rate"] >= paged["hit_rate"]
+    assert tier["decoded_per_pass"] > 0 and one > 0
+  with pytest.raises(ValueError, match="decode_bytes_per_s > 0"):
+    config.compression.decode_bytes_per_s = 0.0
+    simulate.run(config, tmp_path / "refused")

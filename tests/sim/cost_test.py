@@ -150,3 +150,34 @@ def test_expert_widths():
   int4 = cost.step_cost(TOY, TOY_HW, batch=1, context_len=0,
                         mode="layer_offload", expert_bytes_per_param=0.5)
   assert int4.transfer_bytes == 8 * 48
+
+
+def test_compressed_moves_and_decoding_by_hand():
+  # 3 experts of 192 bytes at ratio 1.5: 384 bytes cross; decoding them
+  # at 1e8 B/s of output takes 3 x 192 / 1e8 s.
+  step = cost.step_cost(TOY, TOY_HW, batch=1, context_len=10, misses=3,
+                        compression_ratio=1.5, decode_bytes_per_s=1e8)
+  assert step.transfer_bytes == 384 and step.experts_moved == 3
+  assert step.transfer_s == pytest.approx(3.84e-7)
+  assert step.decode_s == pytest.approx(5.76e-6)
+  assert step.total_s == pytest.approx(1.304e-7 + 3.84e-7 + 5.76e-6 + 1e-3)
+  # A compressed device tier decodes every needed expert, hits included.
+  tier = cost.step_cost(TOY, TOY_HW, batch=1, context_len=10, misses=0,
+                        compression_ratio=1.5, decode_bytes_per_s=1e8,
+                        decoded_experts=4)
+  assert tier.transfer_bytes == 0
+  assert tier.decode_s == pytest.approx(4 * 192 / 1e8)
+  overlapped = cost.step_cost(TOY, TOY_HW, batch=1, context_len=10,
+                              misses=3, compression_ratio=1.5,
+                              decode_bytes_per_s=1e8, overlap=True)
+  assert overlapped.total_s == pytest.approx(
+      max(1.144e-9 + 5.76e-6, 1.304e-7, 3.84e-7) + 1e-3)
+  # Uncompressed steps decode nothing.
+  assert cost.step_cost(TOY, TOY_HW, batch=1, context_len=10,
+                        misses=3).decode_s == 0.0
+  with pytest.raises(ValueError, match="decode_bytes_per_s > 0"):
+    cost.step_cost(TOY, TOY_HW, batch=1, context_len=10, misses=3,
+                   compression_ratio=1.5)
+  with pytest.raises(ValueError, match="compression_ratio must be >= 1"):
+    cost.step_cost(TOY, TOY_HW, batch=1, context_len=10, misses=3,
+                   compression_ratio=0.5)

@@ -78,6 +78,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # `pinned` keeps the experts most used in this first fraction of the
   # trace (a profiling run) and streams its misses.
   config.pinned_profile_fraction = 0.25
+  # Compressed experts (wisp_jax.compress): ratio > 1 adds the modes
+  # paged_compressed_bank (misses cross PCIe compressed, decoded on
+  # arrival) and paged_compressed_tier (the slots' bytes hold ratio x as
+  # many compressed experts; every computed expert is decoded). The device's
+  # decode rate is an input: measure it (`python -m
+  # wisp_jax.compress.measure` on this machine's CPU) or assume one.
+  config.compression = ml_collections.ConfigDict(
+      {"ratio": 1.0, "decode_bytes_per_s": 0.0})
 
   config.policies = ("lru", "lfu", "fifo", "ws", "min")
   config.policy_options = ml_collections.ConfigDict(

@@ -133,26 +133,38 @@ class _Timer:
 
   def __init__(self, model: MoEConfig, profile, context_len: int,
                batch: np.ndarray, needed: np.ndarray, expert_width: float,
-               kv_width: float):
+               kv_width: float, compression_ratio: float = 1.0,
+               decode_bytes_per_s: float | None = None):
     self.model, self.profile, self.context_len = model, profile, context_len
     self.batch, self.needed = batch, needed
     self.expert_width, self.kv_width = expert_width, kv_width
+    self.compression_ratio = compression_ratio
+    self.decode_bytes_per_s = decode_bytes_per_s
     self.one_expert = cost.expert_bytes(model, expert_width)
-    self._cache: dict[tuple[int, int, int], float] = {}
+    self._cache: dict[tuple[int, ...], float] = {}
 
-  def tokens_per_s(self, moved: np.ndarray) -> float:
-    """Decode tokens / total predicted time, with `moved` experts per step."""
-    rows = np.stack([self.batch, self.needed, moved], axis=1)
+  def tokens_per_s(self, moved: np.ndarray,
+                   decoded: np.ndarray | None = None) -> float:
+    """Decode tokens / total predicted time, with `moved` experts per step
+    (uncompressed), or, given `decoded` (experts decoded per step),
+    compressed moves and on-device decoding."""
+    compressed = decoded is not None
+    decoded = np.zeros_like(moved) if decoded is None else decoded
+    rows = np.stack([self.batch, self.needed, moved, decoded], axis=1)
     unique, inverse = np.unique(rows, axis=0, return_inverse=True)
     seconds = np.empty(len(unique))
-    for i, (b, n, m) in enumerate(unique.tolist()):
-      if (b, n, m) not in self._cache:
-        self._cache[(b, n, m)] = cost.step_cost(
+    for i, (b, n, m, d) in enumerate(unique.tolist()):
+      key = (b, n, m, d, compressed)
+      if key not in self._cache:
+        self._cache[key] = cost.step_cost(
             self.model, self.profile, batch=b, context_len=self.context_len,
             mode="paged", misses=m, needed_experts=n,
             expert_bytes_per_param=self.expert_width,
-            kv_bytes_per_value=self.kv_width).total_s
-      seconds[i] = self._cache[(b, n, m)]
+            kv_bytes_per_value=self.kv_width,
+            compression_ratio=self.compression_ratio if compressed else 1.0,
+            decode_bytes_per_s=self.decode_bytes_per_s,
+            decoded_experts=d).total_s
+      seconds[i] = self._cache[key]
     total = float(seconds[inverse.reshape(-1)].sum())
     return float(self.batch.sum()) / total if total > 0 else 0.0
 
@@ -283,6 +295,9 @@ def _modes(model: MoEConfig, plan: dict[str, Any], timer: "_Timer",
   empty = {"fits": False, "tokens_per_s": None, "slots_per_layer": None}
   if not plan["paged"]:
     modes["pinned"], modes["paged"] = dict(empty), dict(empty, policies={})
+    if timer.compression_ratio > 1:  # sized from the raw plan: none either
+      for name in COMPRESSED_MODES:
+        modes[name] = dict(empty)
     return modes
   caps = _spread(results[paged_policy], slots, extra)
   paged = {"slots_per_layer": caps.tolist(), "policies": {}}
@@ -300,7 +315,41 @@ def _modes(model: MoEConfig, plan: dict[str, Any], timer: "_Timer",
     modes["pinned"] = row(True, moved, slots_per_layer=caps.tolist())
   else:
     modes["pinned"] = dict(empty)
+  ratio = timer.compression_ratio
+  if ratio > 1:
+    by_capacity = results[paged_policy]
+    moved = _per_layer_loads(by_capacity, caps, timed)
+    # Compressed host bank: the same slots; misses cross compressed and
+    # are decoded once on arrival.
+    modes["paged_compressed_bank"] = _compressed_row(
+        timer, moved, moved, tokens, slots_per_layer=caps.tolist())
+    # Compressed device tier: the same bytes hold `ratio` times as many
+    # (compressed) experts; every expert a step computes is decoded.
+    tier = compressed_capacities(caps, ratio, model.num_experts)
+    moved = _per_layer_loads(by_capacity, tier, timed)
+    hits = sum(int(by_capacity[int(c)].hits[l]) for l, c in enumerate(tier))
+    refs = sum(int(by_capacity[int(c)].references[l])
+               for l, c in enumerate(tier))
+    modes["paged_compressed_tier"] = _compressed_row(
+        timer, moved, needed, tokens, slots_per_layer=tier.tolist(),
+        hit_rate=hits / max(refs, 1))
   return modes
+
+
+def compressed_capacities(caps, ratio: float, num_experts: int) -> np.ndarray:
+  """Slots per layer when the bytes of `caps` raw slots hold compressed
+  experts (floor(c x ratio), at most E)."""
+  return np.minimum(np.floor(np.asarray(caps) * ratio + 1e-9).astype(int),
+                    num_experts)
+
+
+def _compressed_row(timer: "_Timer", moved, decoded, tokens: float,
+                    **extra) -> dict[str, Any]:
+  one = timer.one_expert / timer.compression_ratio
+  return {"fits": True, "tokens_per_s": timer.tokens_per_s(moved, decoded),
+          "bytes_per_token": float(moved.sum()) * one / tokens,
+          "bytes_per_pass": float(moved.mean()) * one,
+          "decoded_per_pass": float(np.mean(decoded)), **extra}
 
 
 def _as_dict(value) -> dict[str, Any]:
@@ -397,6 +446,15 @@ def run(config: ml_collections.ConfigDict,
     if width not in (0.5, 1.0, 2.0, 4.0):
       raise ValueError(f"{name}={width} must be 0.5 (int4), 1 (int8), 2 "
                        "(bf16) or 4 (f32).")
+  compression = _as_dict(_option(config, "compression", None))
+  ratio = float(compression.get("ratio", 1.0))
+  decode_rate = compression.get("decode_bytes_per_s")
+  if ratio < 1:
+    raise ValueError(f"compression.ratio must be >= 1 (1: off), got {ratio}.")
+  if ratio > 1 and not (decode_rate or 0) > 0:
+    raise ValueError("compression.ratio > 1 needs compression."
+                     "decode_bytes_per_s > 0 (the device's decode rate in "
+                     f"raw bytes per second), got {decode_rate}.")
   budgets = _check_budgets(config, profile)
   workdir = common.start(workdir, config)
 
@@ -426,6 +484,9 @@ def run(config: ml_collections.ConfigDict,
   spread = {c for p in plans if p["paged"] for c in
             (p["slots_per_layer"], min(p["slots_per_layer"] + 1,
                                        model.num_experts))}
+  if ratio > 1:
+    spread |= {int(c) for c in compressed_capacities(sorted(spread), ratio,
+                                                     model.num_experts)}
   replayed = sorted(set(capacities) | spread)
   fraction = float(_option(config, "pinned_profile_fraction", 0.25))
   hot_sets = _profiling_hot_sets(trace, fraction, sorted(spread))
@@ -440,7 +501,8 @@ def run(config: ml_collections.ConfigDict,
     any_result = results[policies[0]][replayed[0]]
     needed = (any_result.step_hits + any_result.step_misses).sum(axis=1)
     timer = _Timer(model, profile, config.context_len, batch, needed[timed],
-                   expert_width, kv_width)
+                   expert_width, kv_width, ratio,
+                   float(decode_rate) if decode_rate else None)
     budget_rows = []
     for budget, plan in zip(budgets, plans):
       modes = _modes(model, plan, timer, results, pinned or None, timed,
@@ -501,17 +563,26 @@ def run(config: ml_collections.ConfigDict,
 
 HEADLINE_MODES = ("resident", "static_offload", "layer_offload", "transient",
                   "pinned", "paged")
+# With config.compression.ratio > 1 (zbank: compressed host bank, ztier:
+# compressed device slots).
+COMPRESSED_MODES = ("paged_compressed_bank", "paged_compressed_tier")
 
 
 def table(summary: dict[str, Any]) -> str:
   """The headline table: decode tokens/s per mode at each budget, equal
   budgets for every mode, and paged / static offload."""
-  header = (f"{'budget':>10} " + " ".join(f"{m:>14}" for m in HEADLINE_MODES)
+  modes = HEADLINE_MODES + tuple(
+      m for m in COMPRESSED_MODES
+      if summary["budgets"] and m in summary["budgets"][0]["modes"])
+  short = {"paged_compressed_bank": "paged+zbank",
+           "paged_compressed_tier": "paged+ztier"}
+  header = (f"{'budget':>10} " + " ".join(f"{short.get(m, m):>14}"
+                                          for m in modes)
             + f" {'paged/static':>13}")
   lines = [header]
   for row in summary["budgets"]:
     cells = []
-    for mode in HEADLINE_MODES:
+    for mode in modes:
       value = row["modes"][mode]["tokens_per_s"]
       cells.append(f"{value:>14,.1f}" if value is not None else
                    f"{'cannot run':>14}")

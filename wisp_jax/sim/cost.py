@@ -17,6 +17,18 @@ weights read from HBM are the distinct experts a step computes
 (`needed_experts`, summed over layers); without it, the bound
 L x min(E, tokens x K) is used.
 
+Compressed experts (`compression_ratio` r > 1, `wisp_jax.compress`): each
+expert moved crosses PCIe at 1/r of its bytes, and every decoded expert
+(`decoded_experts`, default the experts moved) costs its raw bytes /
+`decode_bytes_per_s` on the device, added to the step (with `overlap`,
+added to compute, which it competes with):
+
+  decode_s   = decoded experts x expert bytes / decode_bytes_per_s
+
+So a compressed host bank pays when decoding an expert takes less time than
+the PCIe bytes it saves: decode_bytes_per_s > h2d_bytes_per_s x r / (r - 1)
+(3.3x the link at r = 1.43).
+
 Modes (what crosses PCIe per forward step):
   resident        nothing; refused if weights + KV do not fit the budget.
   static_offload  every expert not kept resident (`resident_experts` of the
@@ -120,9 +132,11 @@ class StepCost:
     flops: 2 x active params x tokens.
     hbm_bytes: weight bytes + KV bytes read from device memory.
     experts_moved: experts copied host -> device (summed over layers).
-    transfer_bytes: experts_moved x expert bytes.
+    transfer_bytes: bytes over PCIe (experts_moved x expert bytes, / the
+      compression ratio).
     compute_s, hbm_s, transfer_s, overhead_s: the terms, in seconds.
     total_s: the step's latency.
+    decode_s: decompressing experts on the device (0 without compression).
   """
   mode: str
   phase: str
@@ -137,6 +151,7 @@ class StepCost:
   transfer_s: float
   overhead_s: float
   total_s: float
+  decode_s: float = 0.0
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -152,7 +167,10 @@ def step_cost(config: MoEConfig,
               resident_experts: int = 0, bytes_per_param: float = 2,
               expert_bytes_per_param: float | None = None,
               kv_bytes_per_value: float | None = None, overlap: bool = False,
-              memory_budget_bytes: int | None = None) -> StepCost:
+              memory_budget_bytes: int | None = None,
+              compression_ratio: float = 1.0,
+              decode_bytes_per_s: float | None = None,
+              decoded_experts: int | None = None) -> StepCost:
   """Predicted latency of one forward step.
 
   Args:
@@ -176,6 +194,13 @@ def step_cost(config: MoEConfig,
     overlap: overlap transfers with compute (optimistic bound).
     memory_budget_bytes: device memory for mode "resident" (default: the
       profile's memory).
+    compression_ratio: raw / compressed bytes of an expert as it crosses
+      PCIe (1.0: uncompressed).
+    decode_bytes_per_s: the device's decode throughput in raw bytes of
+      output per second (needed when anything is decoded).
+    decoded_experts: experts decoded this step, summed over layers
+      (default: the experts moved when compression_ratio > 1, else 0; a
+      compressed device tier decodes every needed expert).
 
   Returns:
     the breakdown; `.decode_tokens_per_s` is batch / total_s.
@@ -230,6 +255,16 @@ def step_cost(config: MoEConfig,
            "layer_offload": num_layers * num_experts,
            "transient": needed_experts, "paged": misses}[mode]
 
+  if compression_ratio < 1:
+    raise ValueError(f"compression_ratio must be >= 1, got "
+                     f"{compression_ratio}.")
+  if decoded_experts is None:
+    decoded_experts = moved if compression_ratio > 1 else 0
+  if decoded_experts < 0:
+    raise ValueError(f"decoded_experts must be >= 0, got {decoded_experts}.")
+  if decoded_experts and not (decode_bytes_per_s or 0) > 0:
+    raise ValueError("decoding experts needs decode_bytes_per_s > 0 (raw "
+                     f"bytes of output per second), got {decode_bytes_per_s}.")
   active_dense = active_param_count(config) - (
       num_layers * config.top_k * config.expert_params)
   flops = 2.0 * active_param_count(config) * tokens
@@ -238,14 +273,19 @@ def step_cost(config: MoEConfig,
                + kv_read)
   compute_s = flops / hw.bf16_flops
   hbm_s = hbm_bytes / hw.hbm_bytes_per_s
-  transfer_s = moved * one_expert / hw.h2d_bytes_per_s
+  transfer_bytes = int(math.ceil(moved * one_expert / compression_ratio))
+  transfer_s = transfer_bytes / hw.h2d_bytes_per_s
+  decode_s = (decoded_experts * one_expert / decode_bytes_per_s
+              if decoded_experts else 0.0)
   if overlap:
-    total_s = max(compute_s, hbm_s, transfer_s) + hw.step_overhead_s
+    total_s = max(compute_s + decode_s, hbm_s, transfer_s) + (
+        hw.step_overhead_s)
   else:
-    total_s = max(compute_s, hbm_s) + transfer_s + hw.step_overhead_s
+    total_s = (max(compute_s, hbm_s) + transfer_s + decode_s
+               + hw.step_overhead_s)
   return StepCost(mode=mode, phase=phase, batch=batch, tokens=tokens,
                   flops=flops, hbm_bytes=int(hbm_bytes),
-                  experts_moved=int(moved),
-                  transfer_bytes=int(moved) * one_expert,
+                  experts_moved=int(moved), transfer_bytes=transfer_bytes,
                   compute_s=compute_s, hbm_s=hbm_s, transfer_s=transfer_s,
-                  overhead_s=hw.step_overhead_s, total_s=total_s)
+                  overhead_s=hw.step_overhead_s, total_s=total_s,
+                  decode_s=decode_s)
