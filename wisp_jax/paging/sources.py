@@ -40,6 +40,7 @@ from flax import struct
 
 from wisp_jax.models import device, moe
 from wisp_jax.models.experts import SourceSpec
+from wisp_jax.paging import bank as bank_lib
 from wisp_jax.paging import pager
 from wisp_jax.paging import predictors as predictors_lib
 from wisp_jax.paging import resize as resize_lib
@@ -105,8 +106,7 @@ class PagedArrays:
   router: jax.Array
 
 
-def _to_device(x):
-  return jax.device_put(x, jax.memory.Space.Device)
+_to_device = bank_lib.to_device
 
 
 def copy_experts(bank: moe.ExpertWeights, slots: moe.ExpertWeights, layer,
@@ -126,16 +126,22 @@ def copy_experts(bank: moe.ExpertWeights, slots: moe.ExpertWeights, layer,
     count: `[]` int32.
   """
   per_layer = slots.gate.ndim == bank.gate.ndim
+  packed = bank_lib.is_compressed(bank)
 
   def body(i, slots):
     def put(dst, src):
-      piece = jax.lax.dynamic_slice(src, (layer, experts[i], 0, 0),
-                                    (1, 1) + src.shape[2:])
-      piece = _to_device(piece)
+      if packed:  # the expert's code crosses; decoded on the device
+        piece = src.expert(layer, experts[i])[None, None]
+      else:
+        piece = jax.lax.dynamic_slice(src, (layer, experts[i], 0, 0),
+                                      (1, 1) + src.shape[2:])
+        piece = _to_device(piece)
       if per_layer:
         return jax.lax.dynamic_update_slice(dst, piece, (layer, dest[i], 0, 0))
       return jax.lax.dynamic_update_slice(dst, piece[0], (dest[i], 0, 0))
-    return jax.tree.map(put, slots, bank)
+    return moe.ExpertWeights(*(put(d, b) for d, b in (
+        (slots.gate, bank.gate), (slots.up, bank.up),
+        (slots.down, bank.down))))
 
   return jax.lax.fori_loop(0, count, body, slots)
 
@@ -159,8 +165,7 @@ def _gather_transient(bank, layer, wanted, max_rows: int):
   rows = min(num_experts, max_rows)
   count = jnp.sum(wanted, dtype=jnp.int32)
   experts = pager.compact(wanted, rows, num_experts)
-  scratch = jax.tree.map(
-      lambda w: jnp.zeros((rows,) + w.shape[2:], w.dtype), bank)
+  scratch = bank_lib.zeros_rows(bank, (rows,))
   scratch = copy_experts(bank, scratch, layer, experts,
                          jnp.arange(rows, dtype=jnp.int32), count)
   row = jnp.clip(jnp.cumsum(wanted) - 1, 0, rows - 1).astype(jnp.int32)
@@ -219,8 +224,7 @@ class StaticOffloadSource:
     streamed = num_experts - kept
     # The streamed experts kept .. E-1, in id order, into a scratch table.
     rows = num_experts - self.min_kept
-    scratch = jax.tree.map(
-        lambda w: jnp.zeros((rows,) + w.shape[2:], w.dtype), bank)
+    scratch = bank_lib.zeros_rows(bank, (rows,))
     experts = kept + jnp.arange(rows, dtype=jnp.int32)
     scratch = copy_experts(bank, scratch, layer, experts,
                            jnp.arange(rows, dtype=jnp.int32), streamed)
@@ -423,6 +427,9 @@ class StaticOffloadSpec(SourceSpec):
   def init_arrays(bank: moe.ExpertWeights, kept) -> OffloadArrays:
     """The bank, device copies of each layer's first `kept[l]` experts and
     the counts `[L]`."""
+    if bank_lib.is_compressed(bank):
+      raise ValueError("static and layer offload stream a raw bank; a "
+                       "compressed bank serves 'transient' and 'paged'.")
     kept = np.asarray(kept, np.int32)
     most = int(kept.max())
     resident = _copy_first(bank, most)
@@ -506,9 +513,7 @@ class PagedSpec(SourceSpec):
     num_layers, num_experts = bank.gate.shape[:2]
     state = pager.init_state(self.rule, num_layers, num_experts, num_slots,
                              capacity, hot_set)
-    slots = jax.tree.map(
-        lambda w: device.zeros((num_layers, num_slots) + w.shape[2:],
-                                jnp.dtype(w.dtype)), bank)
+    slots = bank_lib.zeros_rows(bank, (num_layers, num_slots), device.zeros)
     carry = PagedCarry(slots=slots, state=state)
     if hot_set is not None:
       carry = _load_hot_set(bank, carry)

@@ -305,7 +305,9 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
     num_slots: slot rows per layer of the device buffer for `paged`
       (default: max of slots_per_layer); capacities below it share one
       compiled step.
-    bank: a prebuilt host bank (`wisp_jax.paging.bank.make_bank`); built
+    bank: a prebuilt host bank (`wisp_jax.paging.bank.make_bank`, or
+      `make_compressed_bank` for bf16 models: copies cross compressed and
+      are decoded on the device; `transient` and `paged` only); built
       from the model's experts when omitted.
     stop_tokens: token id(s) that end a row (the stop token is emitted).
     stop_at_eos: also stop at the model's `eos_token_id` (read from its
@@ -354,6 +356,9 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
     bank = model.experts.weights()
   elif bank is None:
     bank = bank_lib.make_bank(model.experts.weights())
+  elif bank_lib.is_compressed(bank) and model.dtype != jnp.bfloat16:
+    raise ValueError(f"a compressed bank holds bf16 experts; this model "
+                     f"computes in {jnp.dtype(model.dtype).name}.")
   spec, arrays, carry = paging_api.make_source(
       config, bank, experts, slots_per_layer, policy, policy_options, hot_set,
       num_slots, prefetch, prefetch_options,
