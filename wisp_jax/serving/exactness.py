@@ -115,8 +115,10 @@ def _counts_ok(stats, routing_ids, num_experts: int) -> bool:
 
 
 def check_model(name: str, dtype: str, new_tokens: int = 128,
-                policies: Sequence[str] = POLICIES) -> list[Run]:
-  """Runs the matrix for one model and dtype (see the module docstring)."""
+                policies: Sequence[str] = POLICIES,
+                offload: bool = True) -> list[Run]:
+  """Runs the matrix for one model and dtype (see the module docstring);
+  `offload=False` leaves out the three non-paged sources."""
   model = load_model(name, dtype)
   c = model.config
   prompts = prompts_for(model)
@@ -127,7 +129,7 @@ def check_model(name: str, dtype: str, new_tokens: int = 128,
   capacities = sorted({c.top_k, c.num_experts // 2, c.num_experts - 1})
   configs = [dict(experts="layer_offload"), dict(experts="transient"),
              dict(experts="static_offload",
-                  slots_per_layer=c.num_experts // 2)]
+                  slots_per_layer=c.num_experts // 2)] if offload else []
   for policy in policies:
     for capacity in capacities:
       configs.append(dict(experts="paged", policy=policy,
