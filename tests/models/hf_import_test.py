@@ -24,6 +24,7 @@ from wisp_jax.models import hf_import
 from wisp_jax.models.hf_import import config_from_hf, load_hf
 from wisp_jax.models.safetensors_io import read_header
 from wisp_jax.serving.generate import generate
+from tests.mutations import mutate
 
 ATOL = 1e-4
 COMMON = dict(vocab_size=97, hidden_size=48, num_attention_heads=4,
@@ -492,24 +493,9 @@ def test_fuzz_config_json(mixtral_dir, tmp_path):
 
 
 def _config_mutations(data: bytes, rng: np.random.Generator, count: int):
-  """Truncations, bit flips, bad UTF-8, repeated and swapped lines."""
-  lines = data.split(b"\n")
+  """Truncations, bit flips, bad UTF-8 (a lead byte with no continuation),
+  repeated and swapped lines."""
   for trial in range(count):
     kind = ("truncate", "flip", "bad_utf8", "repeat_line",
             "swap_lines")[trial % 5]
-    out = bytearray(data)
-    if kind == "truncate":
-      out = out[:rng.integers(len(data))]
-    elif kind == "flip":
-      out[rng.integers(len(data))] ^= 1 << rng.integers(8)
-    elif kind == "bad_utf8":
-      out[rng.integers(len(data))] = 0xC3  # a lead byte, no continuation
-    else:
-      i, j = sorted(rng.choice(len(lines) - 1, 2, replace=False))
-      changed = list(lines)
-      if kind == "repeat_line":
-        changed.insert(j, lines[i])
-      else:
-        changed[i], changed[j] = lines[j], lines[i]
-      out = bytearray(b"\n".join(changed))
-    yield kind, bytes(out)
+    yield kind, mutate(data, kind, rng, bad_byte=0xC3)

@@ -13,6 +13,7 @@ import safetensors.numpy
 from wisp_jax.errors import LoadError, MissingFileError
 from wisp_jax.models import safetensors_io
 from wisp_jax.models.safetensors_io import SafetensorsCheckpoint, read_header
+from tests.mutations import mutate
 
 TENSORS = {"a": np.arange(12, dtype=np.float32).reshape(3, 4),
            "b": np.linspace(-1, 1, 5).astype(np.float16),
@@ -229,31 +230,12 @@ def _mutations(data: bytes, rng: np.random.Generator, count: int,
   """(kind, mutated bytes): truncations, bit flips, bad UTF-8, repeated
   and swapped lines, appended bytes. Flips and bad bytes fall in the first
   `region` bytes if given."""
-  region = region or len(data)
-  lines = data.split(b"\n")
   kinds = ["truncate", "flip", "flip", "bad_utf8", "append"]
-  if len(lines) > 3:
+  if len(data.split(b"\n")) > 3:
     kinds += ["repeat_line", "swap_lines"]
   for _ in range(count):
     kind = kinds[rng.integers(len(kinds))]
-    out = bytearray(data)
-    if kind == "truncate":
-      out = out[:rng.integers(len(data))]
-    elif kind == "flip":
-      out[rng.integers(region)] ^= 1 << rng.integers(8)
-    elif kind == "bad_utf8":
-      out[rng.integers(region)] = 0xFF
-    elif kind == "append":
-      out += bytes(rng.integers(0, 256, rng.integers(1, 9), dtype=np.uint8))
-    else:
-      i, j = sorted(rng.choice(len(lines) - 1, 2, replace=False))
-      changed = list(lines)
-      if kind == "repeat_line":
-        changed.insert(j, lines[i])
-      else:
-        changed[i], changed[j] = lines[j], lines[i]
-      out = bytearray(b"\n".join(changed))
-    yield kind, bytes(out)
+    yield kind, mutate(data, kind, rng, region)
 
 
 def test_fuzz_safetensors_file(tmp_path):

@@ -49,8 +49,8 @@ def test_bank_reports_the_raw_stack_and_the_code_bytes(setup):
 
 
 @pytest.mark.parametrize("experts,policy,prefetch", [
-    ("transient", None, None), ("paged", "lru", None),
-    ("paged", "pinned", None), ("paged", "lrfu_gate", "gate")])
+    ("transient", None, None), ("paged", "pinned", None),
+    ("paged", "lrfu_gate", "gate")])
 def test_compressed_copies_keep_outputs_exact(setup, experts, policy,
                                               prefetch):
   model, packed, ref = setup

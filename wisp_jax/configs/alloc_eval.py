@@ -2,7 +2,8 @@ r"""MV-WSA alone (no search) vs the exact oracle on held-out workloads.
 
 Full run (the sweep's six workloads drawn again with seeds 1-3, for
 OLMoE-1B-7B, Qwen3-30B-A3B and Mixtral-8x7B shapes, each on two
-hardware profiles; about 20 min on a busy 2-core x86-64 CPU VM):
+hardware profiles; over 50 min on a busy 2-core x86-64 CPU VM, most of it
+in the Qwen3 shapes' oracle):
 
   .venv/bin/python experiments/alloc_eval.py --config=configs/alloc_eval.py \
       --workdir=workdirs/alloc_eval
