@@ -15,6 +15,7 @@ from flax import nnx
 from wisp_jax.models import checkpoint
 from wisp_jax.models.config import get_config
 from wisp_jax.models.transformer import MoEModel
+from tests.mutations import mutate
 
 CONFIG = get_config("tiny")
 
@@ -331,15 +332,8 @@ def test_fuzz_orbax_checkpoint(saved, tmp_path):
   for trial in range(40):
     copy = pathlib.Path(shutil.copytree(path, tmp_path / f"c{trial}"))
     name = files[trial % len(files)]
-    data = bytearray((copy / name).read_bytes())
     kind = ("truncate", "flip", "bad_utf8")[rng.integers(3)]
-    if kind == "truncate":
-      data = data[:rng.integers(len(data))]
-    elif kind == "flip":
-      data[rng.integers(len(data))] ^= 1 << rng.integers(8)
-    else:
-      data[rng.integers(len(data))] = 0xFF
-    (copy / name).write_bytes(bytes(data))
+    (copy / name).write_bytes(mutate((copy / name).read_bytes(), kind, rng))
     try:
       got = _leaves(checkpoint.restore(copy))
     except checkpoint.CheckpointError as e:

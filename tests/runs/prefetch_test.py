@@ -1,22 +1,14 @@
 """Tests of wisp_jax/runs/prefetch.py on the `tiny` config."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
+from wisp_jax import configs
 from wisp_jax.runs import prefetch
 
-CONFIG_FILE = pathlib.Path(__file__).parents[2] / "configs" / "prefetch.py"
-
-
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("prefetch_config",
-                                                CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return configs.get("prefetch", "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 from wisp_jax.errors import LoadError
 from wisp_jax.traces import synthetic
 from wisp_jax.traces.trace import RoutingTrace
+from tests.mutations import mutate
 
 _COLUMNS = ("step", "request", "phase", "position", "ids", "weights")
 
@@ -24,16 +25,9 @@ def test_fuzz_trace_npz(tmp_path):
   rng = np.random.default_rng(5)
   outcomes = {"same": 0, "refused": 0}
   for trial in range(80):
-    data = bytearray(original)
-    kind = ("truncate", "flip", "flip", "bad_byte")[trial % 4]
-    if kind == "truncate":
-      data = data[:rng.integers(len(data))]
-    elif kind == "flip":
-      data[rng.integers(len(data))] ^= 1 << rng.integers(8)
-    else:
-      data[rng.integers(len(data))] = 0xFF
+    kind = ("truncate", "flip", "flip", "bad_utf8")[trial % 4]
     path = tmp_path / f"m{trial}.npz"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate(original, kind, rng))
     try:
       got = RoutingTrace.load(path)
     except LoadError as e:

@@ -380,8 +380,20 @@ class PagedSource:
     return carry.replace(state=_tick(carry.state))
 
 
+class _TrafficCounters:
+  """The carry of the sources that keep no slots: hits, misses, loads."""
+
+  @staticmethod
+  def init_carry(num_layers: int) -> Traffic:
+    return Traffic.zeros(num_layers)
+
+  @staticmethod
+  def counters(carry: Traffic):
+    return carry.hits, carry.misses, carry.loads
+
+
 @dataclasses.dataclass(frozen=True)
-class TrafficSpec(SourceSpec):
+class TrafficSpec(_TrafficCounters, SourceSpec):
   """Spec of a source without a cache; `name` picks which.
 
   Attributes:
@@ -399,17 +411,10 @@ class TrafficSpec(SourceSpec):
       return CountingResidentSource(arrays)
     return TransientSource(arrays)
 
-  @staticmethod
-  def init_carry(num_layers: int) -> Traffic:
-    return Traffic.zeros(num_layers)
-
-  @staticmethod
-  def counters(carry: Traffic):
-    return carry.hits, carry.misses, carry.loads
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticOffloadSpec(SourceSpec):
+class StaticOffloadSpec(_TrafficCounters, SourceSpec):
   """Spec of static offload at a budget, or layer offload (nothing kept).
 
   Attributes:
@@ -436,13 +441,6 @@ class StaticOffloadSpec(SourceSpec):
     return OffloadArrays(bank=bank, resident=resident,
                          count=jax.device_put(kept))
 
-  @staticmethod
-  def init_carry(num_layers: int) -> Traffic:
-    return Traffic.zeros(num_layers)
-
-  @staticmethod
-  def counters(carry: Traffic):
-    return carry.hits, carry.misses, carry.loads
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -303,11 +303,8 @@ def _modes(model: MoEConfig, plan: dict[str, Any], timer: "_Timer",
   paged = {"slots_per_layer": caps.tolist(), "policies": {}}
   for name, by_capacity in results.items():
     moved = _per_layer_loads(by_capacity, caps, timed)
-    hits = sum(int(by_capacity[int(c)].hits[l]) for l, c in enumerate(caps))
-    refs = sum(int(by_capacity[int(c)].references[l])
-               for l, c in enumerate(caps))
     paged["policies"][name] = row(True, moved,
-                                  hit_rate=hits / max(refs, 1))
+                                  hit_rate=_hit_rate(by_capacity, caps))
   paged.update(paged["policies"][paged_policy])
   modes["paged"] = paged
   if pinned is not None:
@@ -327,13 +324,18 @@ def _modes(model: MoEConfig, plan: dict[str, Any], timer: "_Timer",
     # (compressed) experts; every expert a step computes is decoded.
     tier = compressed_capacities(caps, ratio, model.num_experts)
     moved = _per_layer_loads(by_capacity, tier, timed)
-    hits = sum(int(by_capacity[int(c)].hits[l]) for l, c in enumerate(tier))
-    refs = sum(int(by_capacity[int(c)].references[l])
-               for l, c in enumerate(tier))
     modes["paged_compressed_tier"] = _compressed_row(
         timer, moved, needed, tokens, slots_per_layer=tier.tolist(),
-        hit_rate=hits / max(refs, 1))
+        hit_rate=_hit_rate(by_capacity, tier))
   return modes
+
+
+def _hit_rate(by_capacity: dict[int, replay.ReplayResult], caps) -> float:
+  """Hit rate with layer l at `caps[l]` slots, from per-capacity replays."""
+  hits = sum(int(by_capacity[int(c)].hits[l]) for l, c in enumerate(caps))
+  refs = sum(int(by_capacity[int(c)].references[l])
+             for l, c in enumerate(caps))
+  return hits / max(refs, 1)
 
 
 def compressed_capacities(caps, ratio: float, num_experts: int) -> np.ndarray:
