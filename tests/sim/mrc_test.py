@@ -98,6 +98,8 @@ def test_overflowing_step_keeps_lowest_ids():
     lambda s: synthetic.zipf(2, 9, 3, 3, 15, 3, alpha=1.0, seed=s),
     lambda s: synthetic.sticky(2, 8, 2, 2, 20, 1, p_keep=0.7, seed=s),
     lambda s: synthetic.cross_layer(3, 6, 2, 5, 8, 4, seed=s),
+    # E = 70: two words per bitmask.
+    lambda s: synthetic.zipf(2, 70, 4, 3, 20, 2, alpha=0.6, seed=s),
 ])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mattson_equals_reference_lru_at_every_capacity(make, seed):
@@ -110,6 +112,26 @@ def test_mattson_equals_reference_lru_at_every_capacity(make, seed):
                         trace.needed_masks().sum(axis=(0, 2)))
   assert np.array_equal(curve.hits[:, -1],
                         curve.references - curve.cold)
+
+
+@pytest.mark.parametrize("num_experts", [1, 7, 31, 32, 33, 64, 65, 128])
+def test_bitmasks_from_ids_equal_bitmasks_from_masks(num_experts):
+  rng = np.random.default_rng(num_experts)
+  top_k = min(3, num_experts)
+  ids = np.stack([rng.permutation(num_experts)[:top_k]
+                  for _ in range(40)]).reshape(10, 4, top_k)
+  masks = np.zeros((10, 4, num_experts), bool)
+  for s, l, k in np.ndindex(ids.shape):
+    masks[s, l, ids[s, l, k]] = True
+  words = mrc.words_of_masks(masks)
+  assert words.dtype == np.uint64
+  assert words.shape == (10, 4, mrc.num_words(num_experts))
+  assert np.array_equal(mrc.words_of_ids(ids, num_experts), words)
+  # Bit e % 64 of word e // 64 is expert e.
+  e = int(ids[3, 2, 0])
+  assert words[3, 2, e // 64] >> np.uint64(e % 64) & np.uint64(1) == 1
+  assert np.array_equal(np.bitwise_count(words).sum(axis=-1),
+                        masks.sum(axis=-1))
 
 
 def test_working_set_sizes_hand_computed():

@@ -243,10 +243,14 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("kind, batch, capacity", [
     ("sticky", 1, 3), ("zipf", 1, 2), ("uniform", 1, 5), ("sticky", 2, 4),
-    ("sticky", 4, [5, 6, 4])])
+    ("sticky", 4, [5, 6, 4]), ("wide", 1, 40)])
 def test_lru_fast_path_equals_the_planner(kind, batch, capacity):
   make = {"sticky": synthetic.sticky, "zipf": synthetic.zipf,
-          "uniform": synthetic.uniform}[kind]
+          "uniform": synthetic.uniform,
+          # E = 96: two words per needed-set bitmask.
+          "wide": lambda *args, **kw: synthetic.sticky(3, 96, 6, 4, 30, 1,
+                                                       p_keep=0.6, seed=3),
+          }[kind]
   trace = make(3, 6, 2, 4, 10, batch, seed=3)
   batching = "single" if batch == 1 else "trace"
   if batch == 1:  # single-stream: every step fits, the fast path runs
@@ -259,7 +263,7 @@ def test_lru_fast_path_equals_the_planner(kind, batch, capacity):
                 "step_loads"):
     assert np.array_equal(getattr(fast, field), getattr(slow, field)), field
   # Several capacities from one pass; an overflowing one falls back.
-  caps = [2, 3, 6]
+  caps = [2, 3, 6] if kind != "wide" else [3, 6, 20, 40]
   many = replay.replay_many(trace, "lru", caps, batching=batching)
   for cap, result in zip(caps, many):
     one = replay.replay(trace, "lru", cap, batching=batching, fast=False)

@@ -35,6 +35,7 @@ the host for bytes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -111,85 +112,175 @@ def _masks(trace_or_masks: RoutingTrace | np.ndarray) -> np.ndarray:
   return masks
 
 
-def lru_priority(step_ordinal: np.ndarray | int, expert: np.ndarray | int,
-                 num_experts: int) -> np.ndarray:
-  """The LRU key of the module docstring: higher is more recently used."""
-  return (np.asarray(step_ordinal, np.int64) * num_experts
-          + (num_experts - 1 - np.asarray(expert, np.int64)))
+WORD_BITS = 64
 
 
-@jax.jit
-def _scan(masks: jax.Array, key: jax.Array, start: jax.Array,
-          capacities: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def num_words(num_experts: int) -> int:
+  """uint64 words of one layer's needed-set bitmask."""
+  return -(-num_experts // WORD_BITS)
+
+
+def words_of_masks(masks: np.ndarray) -> np.ndarray:
+  """`[S, L, E]` bool needed masks as `[S, L, W]` uint64 bitmasks: expert
+  e is bit e % 64 of word e // 64 (the layout `lru_scan` reads)."""
+  packed = np.packbits(masks, axis=-1, bitorder="little")  # [S, L, E / 8]
+  width = 8 * num_words(masks.shape[-1])
+  packed = np.pad(packed, ((0, 0), (0, 0), (0, width - packed.shape[-1])))
+  return np.ascontiguousarray(packed).view("<u8").astype(np.uint64)
+
+
+def words_of_ids(ids: np.ndarray, num_experts: int) -> np.ndarray:
+  """`[..., K]` expert ids, distinct along K and in [0, E) (a
+  `RoutingTrace`'s are checked when it is built), as `[..., W]` uint64
+  bitmasks (`words_of_masks`'s layout)."""
+  ids = np.asarray(ids)
+  width = num_words(num_experts)
+  # Row e of word w's table: expert e's bit if e lies in word w.
+  e = np.arange(num_experts)
+  bit = np.left_shift(np.uint64(1), (e % WORD_BITS).astype(np.uint64))
+  out = np.zeros(ids.shape[:-1] + (width,), np.uint64)
+  for w in range(width):
+    table = np.where(e // WORD_BITS == w, bit, np.uint64(0))
+    word = np.take(table, ids[..., 0])  # one k at a time: small temporaries
+    for k in range(1, ids.shape[-1]):
+      word |= np.take(table, ids[..., k])
+    out[..., w] = word
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "histogram"))
+def _scan(needed: jax.Array, above: tuple[jax.Array, ...],
+          capacities: jax.Array, num_experts: int, histogram: bool
+          ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
   """LRU stack distances of a chunk of steps (one jitted scan, all layers).
 
+  The state is, per layer and expert e, the bitmask `above[w][l, e]` (word
+  w) of the experts whose key exceeds e's: those referenced since e's last
+  reference, plus the lower ids referenced with it. e's stack distance is
+  its popcount; a never-referenced expert's mask holds all E experts, so
+  distance E marks a cold reference (a warm one's mask never holds e).
+  A step costs O(L E W) word operations, not the O(L E^2) of comparing
+  keys pairwise. Traced with 64-bit types enabled (`lru_scan`); the words
+  are separate arrays because a trailing word axis compiles to much slower
+  code on CPU.
+
   Args:
-    masks: `[S, L, E]` bool needed sets of steps start .. start + S - 1.
-    key: `[L, E]` int32 LRU keys before the chunk (-1: never referenced).
-    start: `[]` int32 ordinal of the chunk's first step.
+    needed: the chunk's needed sets, `[S, L, W]` uint64 bitmasks
+      (`words_of_masks`), or `[S, L, K]` int expert ids distinct along K
+      (one token per step; id E: none), turned into bitmasks in the scan.
+    above: W arrays `[L, E]` uint64, the state before the chunk.
     capacities: `[C]` int32 capacities whose per-step hits to return.
+    num_experts: E.
+    histogram: also count distances (else the histogram stays zero).
 
   Returns:
     the chunk's distance histogram `[L, E + 1]` int32 (column E: cold
-    references and non-references are not counted there: see below), its
-    per-step hits `[S, L, C]` int32 at each capacity, and the keys after it.
+    references), its per-step hits `[S, L, C]` int32 at each capacity, and
+    the state after it.
   """
-  num_layers, num_experts = masks.shape[1:]
-  tie = num_experts - 1 - jnp.arange(num_experts, dtype=jnp.int32)
+  num_layers = needed.shape[1]
+  expert = jnp.arange(num_experts)
+  word = expert // WORD_BITS
+  bit = (expert % WORD_BITS).astype(jnp.uint64)
+  ones, zero = jnp.uint64(2**64 - 1), jnp.uint64(0)
+  # Per word w, `[E]`: the bits of the experts with a lower id than e.
+  lower = [jnp.where(w < word, ones, zero)
+           | jnp.where(w == word, (jnp.uint64(1) << bit) - 1, zero)
+           for w in range(len(above))]
   rows = jnp.broadcast_to(jnp.arange(num_layers)[:, None],
                           (num_layers, num_experts))
+  if needed.dtype == jnp.uint64:
+    to_words = lambda now: [now[:, w] for w in range(len(above))]
+  else:
+    # Row e of word w's table: e's bit if it lies in word w (row E: none).
+    tables = [jnp.append(jnp.where(word == w, jnp.uint64(1) << bit, zero),
+                         zero) for w in range(len(above))]
+    to_words = lambda now: [jax.lax.reduce(
+        table[now.astype(jnp.int32)], zero, jax.lax.bitwise_or, (1,))
+                            for table in tables]
 
-  def step(carry, xs):
-    key, hist = carry
-    t, needed = xs
-    # [L, E]: experts ranked above each one, i.e. its stack distance.
-    above = jnp.sum(key[:, None, :] > key[:, :, None], axis=2,
-                    dtype=jnp.int32)
-    warm = needed & (key >= 0)
-    distance = jnp.where(warm, above, num_experts)
-    hist = hist.at[rows, distance].add(warm.astype(jnp.int32))
-    hits = jnp.sum(distance[:, :, None] < capacities, axis=1,
-                   dtype=jnp.int32)
-    return (jnp.where(needed, t * num_experts + tie, key), hist), hits
+  def step(carry, now):
+    above, hist = carry
+    now = [word_[:, None] for word_ in to_words(now)]  # W x [L, 1]
+    needed = (now[0] >> bit) & 1  # [L, E]
+    for w in range(1, len(now)):
+      needed = jnp.where(word == w, (now[w] >> bit) & 1, needed)
+    needed = needed.astype(bool)
+    distance = sum(jax.lax.population_count(a).astype(jnp.int32)
+                   for a in above)
+    if histogram:
+      hist = hist.at[rows, distance].add(needed.astype(jnp.int32))
+    hits = jnp.sum((distance[:, :, None] < capacities) & needed[:, :, None],
+                   axis=1, dtype=jnp.int32)
+    above = tuple(jnp.where(needed, now_w & lower_w, a | now_w)
+                  for a, now_w, lower_w in zip(above, now, lower))
+    return (above, hist), hits
 
-  ticks = start + jnp.arange(masks.shape[0], dtype=jnp.int32)
   hist = jnp.zeros((num_layers, num_experts + 1), jnp.int32)
-  (key, hist), hits = jax.lax.scan(step, (key, hist), (ticks, masks))
-  return hist, hits, key
+  (above, hist), hits = jax.lax.scan(step, (above, hist), needed)
+  return hist, hits, above
 
 
-# Steps x layers x experts of the needed masks of one chunk.
-_CHUNK_ELEMENTS = 2**24
+def _cold_state(num_layers: int, num_experts: int) -> tuple[jax.Array, ...]:
+  """Before any reference every expert sees all E experts above it."""
+  bits = np.arange(WORD_BITS * num_words(num_experts)) < num_experts
+  valid = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
+  return tuple(jnp.full((num_layers, num_experts), v, jnp.uint64)
+               for v in valid)
 
 
-def lru_scan(masks: np.ndarray, capacities=()
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Stack-distance pass over `[S, L, E]` needed masks, chunked.
+# Steps x layers x words (or ids) of one chunk's needed sets.
+_CHUNK_ELEMENTS = 2**22
+
+
+def lru_scan(needed: np.ndarray, num_experts: int, capacities=(),
+             histogram: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Stack-distance pass over a trace's needed sets, chunked.
+
+  Args:
+    needed: `[S, L, W]` uint64 bitmasks (`words_of_masks(masks)`,
+      `words_of_ids(...)`), or, for one token per step, `[S, L, K]` signed
+      integer expert ids, distinct along K and in [0, E) (a `RoutingTrace`'s
+      ids: the bitmasks are then built inside the scan).
+    num_experts: E.
+    capacities: capacities whose per-step hits to return.
+    histogram: count distances (Mattson); skip it when only hits matter.
 
   Returns:
-    the distance histogram `[L, E]` int64 (cold references excluded) and
-    the per-step hits `[S, L, C]` int32 at each of `capacities`.
+    the distance histogram `[L, E]` int64 (cold references excluded; zero
+    without `histogram`) and the per-step hits `[S, L, C]` int32 at each
+    of `capacities`.
   """
-  num_steps, num_layers, num_experts = masks.shape
-  if (num_steps + 1) * num_experts >= 2**31:
-    raise ValueError(f"{num_steps} steps x E={num_experts} overflow the "
-                     "int32 LRU keys; replay the trace in parts.")
-  caps = jnp.asarray(np.asarray(capacities, np.int32).reshape(-1))
-  chunk = max(1, _CHUNK_ELEMENTS // (num_layers * num_experts))
+  num_steps, num_layers, width = needed.shape
+  if needed.dtype == np.uint64:
+    if width != num_words(num_experts):
+      raise ValueError(f"bitmasks have {width} words per layer; "
+                       f"E={num_experts} needs {num_words(num_experts)}.")
+    empty = 0
+  elif np.issubdtype(needed.dtype, np.signedinteger):
+    empty = num_experts  # the id of "no expert" in the scan's tables
+  else:
+    raise ValueError("needed must be uint64 bitmasks or signed integer "
+                     f"expert ids, got {needed.dtype}.")
+  caps = np.asarray(capacities, np.int32).reshape(-1)
+  chunk = max(1, _CHUNK_ELEMENTS // (num_layers * width))
   chunk = min(1 << (chunk.bit_length() - 1),  # a power of two: few shapes
               1 << max(num_steps - 1, 0).bit_length())
-  key = jnp.full((num_layers, num_experts), -1, jnp.int32)
   hist = np.zeros((num_layers, num_experts + 1), np.int64)
   hits = []
-  for start in range(0, num_steps, chunk):
-    part = masks[start:start + chunk]
-    real = part.shape[0]
-    if real < chunk:  # pad with empty steps, which change nothing
-      part = np.pad(part, ((0, chunk - real), (0, 0), (0, 0)))
-    part_hist, part_hits, key = _scan(jnp.asarray(part), key,
-                                      jnp.int32(start), caps)
-    hist += np.asarray(part_hist)
-    hits.append(np.asarray(part_hits)[:real])
+  with jax.enable_x64(True):  # uint64 words, only inside this pass
+    above = _cold_state(num_layers, num_experts)
+    for start in range(0, num_steps, chunk):
+      part = needed[start:start + chunk]
+      real = part.shape[0]
+      if real < chunk:  # pad with empty steps, which change nothing counted
+        part = np.pad(part, ((0, chunk - real), (0, 0), (0, 0)),
+                      constant_values=empty)
+      part_hist, part_hits, above = _scan(jnp.asarray(part), above,
+                                          jnp.asarray(caps), num_experts,
+                                          histogram)
+      hist += np.asarray(part_hist)
+      hits.append(np.asarray(part_hits)[:real])
   hits = (np.concatenate(hits) if hits else
           np.zeros((0, num_layers, caps.size), np.int32))
   return hist[:, :num_experts], hits
@@ -206,8 +297,8 @@ def mattson(trace_or_masks: RoutingTrace | np.ndarray) -> MissRatioCurve:
     the curve for capacities 0..E of every layer.
   """
   masks = _masks(trace_or_masks)
-  num_steps, num_layers, _ = masks.shape
-  hist, _ = lru_scan(masks)
+  num_steps, num_layers, num_experts = masks.shape
+  hist, _ = lru_scan(words_of_masks(masks), num_experts)
   references = masks.sum(axis=(0, 2)).astype(np.int64)
   cold = references - hist.sum(axis=1)
   hits = np.concatenate([np.zeros((num_layers, 1), np.int64),

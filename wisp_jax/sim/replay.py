@@ -150,6 +150,17 @@ def needed_masks(trace: RoutingTrace, batching: Batching = "trace",
   return masks
 
 
+def needed_words(trace: RoutingTrace, ordinals: np.ndarray) -> np.ndarray:
+  """`[S, L, W]` uint64 needed sets of the replay steps `ordinals` (from
+  `step_ordinals`) as `sim.mrc` bitmasks, built from the ids without the
+  `[S, L, E]` masks."""
+  words = mrc.words_of_ids(trace.ids, trace.num_experts)  # [N, L, W]
+  if ordinals.size and ordinals[-1] + 1 != ordinals.size:  # steps of tokens
+    starts = np.flatnonzero(np.diff(ordinals, prepend=-1))
+    words = np.bitwise_or.reduceat(words, starts, axis=0)
+  return words
+
+
 def next_use_table(masks: np.ndarray, start: int = 0,
                    next_after: np.ndarray | None = None) -> np.ndarray:
   """Belady's hint: the next step after t at which each expert is needed.
@@ -237,14 +248,19 @@ def _lru_fast(trace: RoutingTrace, batching: Batching, ordinals: np.ndarray,
   Mattson's LRU stack, and loads only its misses; `tests/sim/replay_test.py`
   checks this against the planner.
   """
-  num_steps = int(ordinals[-1]) + 1 if ordinals.size else 0
-  masks = needed_masks(trace, batching, 0, num_steps, ordinals)
-  needed = masks.sum(axis=2)  # [S, L]
   caps = np.stack([np.asarray(c, np.int64) for c in capacities])  # [C, L]
+  if ordinals.size and ordinals[-1] + 1 == ordinals.size:  # token steps
+    # One token per step: the ids are the needed sets.
+    sets = trace.ids
+    needed = np.full(sets.shape[:2], sets.shape[2], np.int32)
+  else:
+    sets = needed_words(trace, ordinals)
+    needed = np.bitwise_count(sets).sum(axis=2, dtype=np.int32)  # [S, L]
   if needed.size and np.any(needed.max(axis=0)[None, :] > caps):
     return None
   unique, index = np.unique(caps, return_inverse=True)
-  _, hits = mrc.lru_scan(masks, unique)  # [S, L, U]
+  _, hits = mrc.lru_scan(sets, trace.num_experts, unique,
+                         histogram=False)  # [S, L, U]
   index = index.reshape(caps.shape)
   layers = np.arange(trace.num_layers)
   results = []
