@@ -87,3 +87,32 @@ def test_refusals(setup):
                      "and 'paged'"):
     generate(model, PROMPTS, 2, experts="static_offload", slots_per_layer=3,
              bank=packed)
+
+
+def test_engine_with_compressed_bank_serves_resident_tokens(setup):
+  """The serving engine pages from the coded bank (preempting, batched):
+  its tokens equal the resident engine's; each copy moves the code."""
+  from wisp_jax.serving.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+  model, packed, _ = setup
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 61, size=n) for n in (5, 13, 5, 13)]
+
+  def requests():
+    return [Request(p, 24 - len(p), request_id=i)
+            for i, p in enumerate(prompts)]
+
+  shape = dict(kv_blocks=10, block_size=4, max_batch=4, min_prefill_bucket=32)
+  resident = Engine(model, None, experts="resident", **shape)
+  want = [r.tokens for r in resident.run(requests())]
+  coded = Engine(model, None, slots_per_layer=2, compressed_bank=True,
+                 **shape)
+  with jax.transfer_guard("disallow"):
+    got = coded.run(requests())
+  assert coded.num_preemptions >= 1
+  assert [r.tokens for r in got] == want
+  stats = coded.expert_stats()
+  assert stats["misses"] > 0
+  assert stats["bytes_moved"] == stats["loads"] * bank_lib.bytes_per_expert(
+      packed)
+  with pytest.raises(ValueError, match="needs an offload source"):
+    Engine(model, None, experts="resident", compressed_bank=True, **shape)

@@ -101,7 +101,8 @@ def modeled_step_s(record, config: MoEConfig, hardware,
       get_profile(hardware).h2d_bytes_per_s)
 
 
-def _rule(name: str, config, model, budget, hardware):
+def make_rule(name: str, config, model, budget, hardware):
+  """The controller rule `name` with `config.controller`'s settings."""
   cc = config.controller
   if name == "step_curve":
     return ctl.StepCurveRule(budget, cc.headroom, cc.dead_zone, cc.kv_granule)
@@ -251,7 +252,7 @@ def run(config: ml_collections.ConfigDict,
     traces_before_timed = sum(batch_step.TRACE_COUNTS.values())
     for name, kind, split, rule in configurations:
       if rule is not None:
-        rule = _rule(rule, config, model, budget, hardware)
+        rule = make_rule(rule, config, model, budget, hardware)
       result = serve_phases(model, config, budget, phases, split, rule)
       runs[name] = (kind, split, result)
       logging.info("%s %s: %d resizes, CPU seconds %s",

@@ -107,7 +107,7 @@ class Engine:
                min_prefill_bucket: int = 16, num_slots: int | None = None,
                workdir: str | None = None,
                clock: Callable[[], float] = time.perf_counter,
-               max_queue: int | None = None):
+               max_queue: int | None = None, compressed_bank: bool = False):
     """Builds the pools and the expert source.
 
     Args:
@@ -131,6 +131,9 @@ class Engine:
       workdir: where `metrics.jsonl` goes (one line per step), or None.
       clock: time source in seconds (arrivals, deadlines, latencies).
       max_queue: most waiting requests `submit` accepts (None: unbounded).
+      compressed_bank: keep the host bank exponent-coded
+        (`paging.bank.make_compressed_bank`, bf16 models): fewer bytes per
+        copy, decoded on the device; outputs are unchanged.
     """
     config = model.config
     self.model, self.config = model, config
@@ -156,7 +159,8 @@ class Engine:
     self.executor = Executor(
         model, kv_blocks, block_size, experts=experts,
         slots_per_layer=slots_per_layer, policy=policy,
-        policy_options=policy_options, hot_set=hot_set, num_slots=num_slots)
+        policy_options=policy_options, hot_set=hot_set, num_slots=num_slots,
+        compressed_bank=compressed_bank)
     self.spec = self.executor.spec
     self.num_slots = self.executor.num_slots
     self.bytes_per_expert = self.executor.bytes_per_expert

@@ -46,7 +46,8 @@ class Executor:
 
   def __init__(self, model: MoEModel, kv_blocks: int, block_size: int, *,
                experts: str, slots_per_layer, policy: str,
-               policy_options: dict | None, hot_set, num_slots: int | None):
+               policy_options: dict | None, hot_set, num_slots: int | None,
+               compressed_bank: bool = False):
     config = model.config
     self.model, self.config, self.block_size = model, config, block_size
     self.kv_blocks = int(kv_blocks)
@@ -54,8 +55,17 @@ class Executor:
     self._source_options = (policy, policy_options, hot_set)
     self._capacity = (paging_api.validate_slots(config, slots_per_layer)
                       if experts == "paged" else None)
-    bank = (model.experts.weights() if experts == "resident" else
-            bank_lib.make_bank(model.experts.weights()))
+    if compressed_bank and experts == "resident":
+      raise ValueError("compressed_bank needs an offload source (paged, "
+                       "transient or static_offload); resident keeps every "
+                       "expert raw on the device.")
+    weights = model.experts.weights()
+    if experts == "resident":
+      bank = weights
+    elif compressed_bank:  # copies cross coded, decoded on the device
+      bank = bank_lib.make_compressed_bank(weights)
+    else:
+      bank = bank_lib.make_bank(weights)
     self.spec, self._arrays, self._carry = paging_api.make_source(
         config, bank, experts, slots_per_layer, policy, policy_options,
         hot_set, num_slots if experts == "paged" else None)

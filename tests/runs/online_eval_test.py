@@ -1,0 +1,130 @@
+"""Tests of wisp_jax/runs/online_eval.py: intervals, streams, the priced
+clock and a small end-to-end evaluation (the tiny model, a few requests)."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from wisp_jax import configs
+from wisp_jax.runs import online_eval
+from wisp_jax.sim.hardware import get_profile
+
+
+def test_mean_interval_by_hand():
+  got = online_eval.mean_interval([1.0, 2.0, 3.0])
+  # mean 2, sample std 1, t(0.975, 2 dof) = 4.303.
+  half = 4.303 / math.sqrt(3)
+  assert got["mean"] == 2.0 and got["n"] == 3
+  assert got["low"] == pytest.approx(2 - half)
+  assert got["high"] == pytest.approx(2 + half)
+  one = online_eval.mean_interval([1.5])
+  assert one["low"] == one["high"] == 1.5
+  with pytest.raises(ValueError, match="at least one"):
+    online_eval.mean_interval([])
+
+
+def test_stream_is_open_loop_and_phase_ordered():
+  config = configs.get("online_eval", "tiny")
+  phases = online_eval.scenario_phases(config, "chat,long")
+  seeds = online_eval.phase_seeds(11, 2)
+  stream = online_eval.make_stream(phases, 256, seeds, 1e-4)
+  again = online_eval.make_stream(phases, 256, seeds, 1e-4)
+  times = [at for _, at, _ in stream]
+  assert times == [at for _, at, _ in again]  # fixed before serving
+  assert np.all(np.diff(times) > 0)
+  which = [p for _, _, p in stream]
+  assert which == sorted(which)  # phase 1's arrivals follow phase 0's
+  assert which.count(0) == phases[0].num_requests
+  # Phase 1 alone (its own seed) draws the same requests and gaps.
+  alone = online_eval.make_stream(phases[1:], 256, seeds[1:], 1e-4)
+  first = times[which.index(1) - 1]
+  assert [at + first for _, at, _ in alone] == pytest.approx(
+      [at for _, at, p in stream if p == 1])
+  later = [r.prompt for r, _, p in stream if p == 1]
+  assert len(alone) == len(later)
+  assert all(np.array_equal(r.prompt, prompt)
+             for (r, _, _), prompt in zip(alone, later))
+  with pytest.raises(ValueError, match="unknown phase types"):
+    online_eval.scenario_phases(config, "chat,nope")
+
+
+def test_resize_seconds_by_hand():
+  hw = get_profile("rtx3090")
+  entry = {"kv_blocks": 30, "from": {"kv_blocks": 20},
+           "slots_moved": [1, 2]}
+  got = online_eval.resize_seconds(entry, hw, expert_bytes=1000,
+                                   block_bytes=100)
+  assert got == pytest.approx((30 * 100 + 3 * 1000) / hw.hbm_bytes_per_s)
+  same_kv = dict(entry, kv_blocks=20)
+  assert online_eval.resize_seconds(same_kv, hw, 1000, 100) == (
+      pytest.approx(3000 / hw.hbm_bytes_per_s))
+
+
+def _small_config():
+  config = configs.get("online_eval", "tiny")
+  for phase in config.phase_types.values():
+    phase.num_requests = 4
+  config.fixed_slots = (2, 6)
+  config.evaluate = "chat_long"
+  config.tuning_seeds = "0"
+  config.seeds = "11,12"
+  return config
+
+
+def test_end_to_end_small(tmp_path):
+  config = _small_config()
+  report = online_eval.run(config, tmp_path)
+  summary = report
+  assert summary["tuning"]["chosen"] in ("fixed-2", "fixed-6")
+  s = summary["scenarios"]["chat_long"]
+  speed = s["tokens_per_s"]
+  for rule in ("step_curve@inline", "step_curve@behind"):
+    r = s["controllers"][rule]
+    # The ratios are those of the per-seed throughputs in metrics.jsonl.
+    assert r["over_best_fixed_in_hindsight"]["n"] == 2
+    assert r["decision_s_share"] >= 0 and r["resize_s_share"] >= 0
+  assert s["best_fixed_in_hindsight"] == max(
+      ("fixed-2", "fixed-6"), key=lambda n: speed[n]["mean"])
+  lines = [json.loads(l) for l in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  runs = {(tuple(l["seeds"]), l["configuration"], l["scenario"]): l
+          for l in lines}
+  seeds = online_eval.phase_seeds(11, 2)
+  inline = runs[(seeds, "step_curve@inline", "chat,long")]
+  behind = runs[(seeds, "step_curve@behind", "chat,long")]
+  fixed = runs[(seeds, "fixed-2", "chat,long")]
+  # Every configuration serves the same requests to the end.
+  assert inline["tokens"] == behind["tokens"] == fixed["tokens"]
+  assert sum(fixed["phase_tokens"]) == fixed["tokens"]
+  # Fixed splits never resize; behind-decisions cost the clock nothing.
+  assert fixed["resizes"] == 0 and fixed["decision_s"] == 0
+  assert behind["decision_s"] == 0
+  assert inline["decision_s"] > 0 and behind["decision_off_path_s"] > 0
+  # The oracle switches where the best split of the phase changes.
+  oracle = runs[(seeds, "oracle", "chat,long")]
+  assert oracle["resizes"] <= 1
+  want = np.mean([runs[(online_eval.phase_seeds(sd, 2), rule,
+                        "chat,long")]["tokens_per_s"] /
+                  runs[(online_eval.phase_seeds(sd, 2),
+                        s["best_fixed_in_hindsight"], "chat,long")][
+                            "tokens_per_s"] for sd in (11, 12)
+                  for rule in ("step_curve@behind",)])
+  assert s["controllers"]["step_curve@behind"][
+      "over_best_fixed_in_hindsight"]["mean"] == pytest.approx(want)
+  assert "chat_long" in report.text
+
+
+def test_tuning_seeds_must_be_held_out(tmp_path):
+  config = _small_config()
+  config.seeds = "0,12"
+  with pytest.raises(ValueError, match="evaluation seeds must be held out"):
+    online_eval.run(config, tmp_path)
+
+
+def test_unknown_decision_mode():
+  with pytest.raises(ValueError, match="decision must be one of"):
+    online_eval.serve_open_loop(None, configs.get("online_eval", "tiny"),
+                                None, [], None, None, None, 1, "later")
