@@ -40,6 +40,9 @@ class ExpertStats:
     useful_prefetches: `[L]` prefetched experts needed before eviction.
     wasted_prefetches: `[L]` prefetched experts evicted unused (the rest of
       `prefetch_loads` is still resident, unused, at the end).
+    tier_loads: `[L]` loads decoded from a compressed device tier
+      (`bank.make_tiered_bank`): counted in `loads`, none of their bytes
+      cross PCIe (zeros without a tier).
   """
   source: str
   hits: np.ndarray
@@ -52,9 +55,11 @@ class ExpertStats:
   prefetch_loads: np.ndarray | None = None
   useful_prefetches: np.ndarray | None = None
   wasted_prefetches: np.ndarray | None = None
+  tier_loads: np.ndarray | None = None
 
   def __post_init__(self):
-    for name in ("prefetch_loads", "useful_prefetches", "wasted_prefetches"):
+    for name in ("prefetch_loads", "useful_prefetches", "wasted_prefetches",
+                 "tier_loads"):
       if getattr(self, name) is None:
         setattr(self, name, np.zeros_like(self.loads))
 
@@ -65,30 +70,32 @@ class ExpertStats:
 
   @property
   def bytes_moved(self) -> int:
-    """All host-to-device expert bytes: demand loads and prefetches."""
-    copies = self.loads.astype(np.int64).sum() + self.prefetch_loads.astype(
-        np.int64).sum()
-    return int(copies) * self.bytes_per_expert
+    """All host-to-device expert bytes: demand loads (but those a device
+    tier served) and prefetches."""
+    return int(self.bytes_per_layer.sum())
 
   @property
   def bytes_per_layer(self) -> np.ndarray:
-    return (self.loads.astype(np.int64) + self.prefetch_loads.astype(
-        np.int64)) * self.bytes_per_expert
+    return (self.loads.astype(np.int64) - self.tier_loads.astype(np.int64)
+            + self.prefetch_loads.astype(np.int64)) * self.bytes_per_expert
 
   def summary(self) -> dict:
     return {"source": self.source, "hit_rate": self.hit_rate,
             "hits": int(self.hits.sum()), "misses": int(self.misses.sum()),
             "loads": int(self.loads.sum()), "bytes_moved": self.bytes_moved,
+            "tier_loads": int(self.tier_loads.sum()),
             "prefetch_loads": int(self.prefetch_loads.sum()),
             "useful_prefetches": int(self.useful_prefetches.sum()),
             "wasted_prefetches": int(self.wasted_prefetches.sum())}
 
 
 def stats_from_counters(source: str, counters: Sequence, bytes_per_expert: int,
-                        prefetch_counters=None) -> ExpertStats:
+                        prefetch_counters=None, tier_loads=None
+                        ) -> ExpertStats:
   """Builds stats from cumulative `[3, L]` (hits, misses, loads) counters
-  taken after each pass, and the final `[3, L]` (prefetch loads, useful,
-  wasted) counters of a prefetching pager."""
+  taken after each pass, the final `[3, L]` (prefetch loads, useful,
+  wasted) counters of a prefetching pager and the final `[L]` device-tier
+  loads of a tiered bank."""
   cum = np.stack(counters).astype(np.int64)  # [P, 3, L]
   per_pass = np.diff(cum, axis=0, prepend=0)
   prefetch = ([None] * 3 if prefetch_counters is None else
@@ -98,7 +105,9 @@ def stats_from_counters(source: str, counters: Sequence, bytes_per_expert: int,
                      per_pass_hits=per_pass[:, 0], per_pass_misses=per_pass[:, 1],
                      per_pass_loads=per_pass[:, 2], prefetch_loads=prefetch[0],
                      useful_prefetches=prefetch[1],
-                     wasted_prefetches=prefetch[2])
+                     wasted_prefetches=prefetch[2],
+                     tier_loads=(None if tier_loads is None else
+                                 np.asarray(tier_loads, np.int64)))
 
 
 def hot_set_from_routing(routing_ids: Sequence[np.ndarray], num_experts: int,
@@ -169,6 +178,10 @@ def make_source(config: MoEConfig, bank: moe.ExpertWeights, experts: str,
     raise ValueError(f"Unknown expert source {experts!r}; known sources: "
                      f"{', '.join(SOURCES)}.")
   bank_lib.check_bank(bank, config)
+  if bank_lib.is_tiered(bank) and (experts != "paged" or prefetch):
+    raise ValueError("a bank with a compressed device tier serves the paged "
+                     "source without prefetch; got experts="
+                     f"{experts!r}, prefetch={prefetch!r}.")
   if experts in ("static_offload", "layer_offload"):
     if experts == "layer_offload" and slots_per_layer not in (None, 0):
       raise ValueError("layer_offload keeps no expert resident; use "

@@ -86,12 +86,15 @@ class PagedCarry:
     lookahead: `[L, B, T, K]` int32 the gate lookahead's top-k for layer
       l+1 of each token of the pass, made at layer l (-1: none), when
       recorded (`PagedSpec.with_lookahead`), else None.
+    tier_loads: `[L]` int32 loads served by a tiered bank's device tier
+      (counted in the pager's loads too; None without a tier).
   """
   slots: moe.ExpertWeights
   state: pager.PagerState
   predictor: Any = None
   last_needed: jax.Array | None = None
   lookahead: jax.Array | None = None
+  tier_loads: jax.Array | None = None
 
 
 @struct.dataclass
@@ -109,13 +112,46 @@ class PagedArrays:
 _to_device = bank_lib.to_device
 
 
+def _host_piece(src, layer, expert):
+  """`[1, 1, ...]` expert `expert` of `layer` from a host stack, on the
+  device (a coded stack's code crosses and is decoded there)."""
+  if isinstance(src, bank_lib.PackedStack):
+    return src.expert(layer, expert)[None, None]
+  piece = jax.lax.dynamic_slice(src, (layer, expert, 0, 0),
+                                (1, 1) + src.shape[2:])
+  return _to_device(piece)
+
+
+def _piece(src, layer, expert):
+  """One expert from a bank stack; a tiered stack decodes it from its
+  device tier when it holds the expert (nothing crosses PCIe then)."""
+  if not isinstance(src, bank_lib.TieredStack):
+    return _host_piece(src, layer, expert)
+  row = src.row[layer, expert]
+  return jax.lax.cond(
+      row >= 0,
+      lambda: src.tier.expert(layer, jnp.maximum(row, 0))[None, None],
+      lambda: _host_piece(src.host, layer, expert))
+
+
+def tier_copies(bank: moe.ExpertWeights, layer, experts, count) -> jax.Array:
+  """`[]` int32: how many of the first `count` `experts` of `layer` a
+  tiered bank's device tier serves (0 for other banks)."""
+  if not bank_lib.is_tiered(bank):
+    return jnp.zeros((), jnp.int32)
+  inside = bank.gate.row[layer, experts] >= 0
+  return jnp.sum(inside & (jnp.arange(experts.shape[0]) < count),
+                 dtype=jnp.int32)
+
+
 def copy_experts(bank: moe.ExpertWeights, slots: moe.ExpertWeights, layer,
                  experts, dest, count) -> moe.ExpertWeights:
-  """Copies `count` experts of `layer` from the host bank into device rows.
+  """Copies `count` experts of `layer` from the bank into device rows.
 
   A `fori_loop` over the compacted copy list (dynamic trip count): each
   iteration slices one expert from the host bank with traced indices and
-  moves it with `jax.device_put` into its row, in place.
+  moves it with `jax.device_put` into its row, in place (or decodes it
+  from a tiered bank's device tier, `bank.TieredStack`).
 
   Args:
     bank: `[L, E, ...]` host bank.
@@ -126,16 +162,10 @@ def copy_experts(bank: moe.ExpertWeights, slots: moe.ExpertWeights, layer,
     count: `[]` int32.
   """
   per_layer = slots.gate.ndim == bank.gate.ndim
-  packed = bank_lib.is_compressed(bank)
 
   def body(i, slots):
     def put(dst, src):
-      if packed:  # the expert's code crosses; decoded on the device
-        piece = src.expert(layer, experts[i])[None, None]
-      else:
-        piece = jax.lax.dynamic_slice(src, (layer, experts[i], 0, 0),
-                                      (1, 1) + src.shape[2:])
-        piece = _to_device(piece)
+      piece = _piece(src, layer, experts[i])
       if per_layer:
         return jax.lax.dynamic_update_slice(dst, piece, (layer, dest[i], 0, 0))
       return jax.lax.dynamic_update_slice(dst, piece[0], (dest[i], 0, 0))
@@ -294,20 +324,25 @@ class PagedSource:
       def on_chunk(data, plan):
         # Copy the group's misses in, then compute the group's pairs from
         # the slots into `out` (the other pairs keep their values).
-        slots, out = data
+        slots, out, tiered = data
         slots = copy_experts(bank, slots, layer, plan.load_expert,
                              plan.load_slot, plan.num_loads)
+        tiered = tiered + tier_copies(bank, layer, plan.load_expert,
+                                      plan.num_loads)
         rows = jnp.maximum(plan.slot_of_expert[ids], 0)
         out = ffn(slots, rows, layer=layer, out=out, select=plan.chunk[ids])
-        return slots, out
+        return slots, out, tiered
 
       gates = None
       if self.policy.uses_gates:
         own_ids, own_weights = self._route(layer, x)
         gates = gate_mass(own_ids, own_weights, num_experts)
-      ls, (slots, out) = pager.page_layer(self.policy, ls, needed, state.tick,
-                                          (slots, out), on_chunk,
-                                          gates=gates)
+      ls, (slots, out, tiered) = pager.page_layer(
+          self.policy, ls, needed, state.tick,
+          (slots, out, jnp.zeros((), jnp.int32)), on_chunk, gates=gates)
+      if carry.tier_loads is not None:
+        carry = carry.replace(
+            tier_loads=carry.tier_loads.at[layer].add(tiered))
     else:
       # The hot set from the slots, then the misses from a scratch table.
       resident = ls.slot_of_expert >= 0
@@ -317,6 +352,11 @@ class PagedSource:
                 out=out, select=resident[ids])
       out = ffn(scratch, row[ids], out=out, select=~resident[ids])
       ls = pager.count_pinned(ls, needed)
+      if carry.tier_loads is not None:  # misses the device tier served
+        tiered = jnp.sum(needed & ~resident & (self.bank.gate.row[layer] >= 0),
+                         dtype=jnp.int32)
+        carry = carry.replace(
+            tier_loads=carry.tier_loads.at[layer].add(tiered))
     state = pager.set_layer_state(state, layer, ls)
     carry = carry.replace(slots=slots, state=state)
     if self.predictor is not None:
@@ -513,6 +553,9 @@ class PagedSpec(SourceSpec):
                              capacity, hot_set)
     slots = bank_lib.zeros_rows(bank, (num_layers, num_slots), device.zeros)
     carry = PagedCarry(slots=slots, state=state)
+    if bank_lib.is_tiered(bank):
+      carry = carry.replace(tier_loads=jax.device_put(
+          np.zeros((num_layers,), np.int32)))
     if hot_set is not None:
       carry = _load_hot_set(bank, carry)
     if self.predictor is not None:
@@ -544,6 +587,11 @@ class PagedSpec(SourceSpec):
   @staticmethod
   def counters(carry: PagedCarry):
     return carry.state.hits, carry.state.misses, carry.state.loads
+
+  @staticmethod
+  def tier_loads(carry: PagedCarry):
+    """`[L]` loads a tiered bank's device tier served (None: no tier)."""
+    return carry.tier_loads
 
   @staticmethod
   def pager_state(carry: PagedCarry) -> pager.PagerState:

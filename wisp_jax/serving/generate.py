@@ -307,8 +307,9 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
       compiled step.
     bank: a prebuilt host bank (`wisp_jax.paging.bank.make_bank`, or
       `make_compressed_bank` for bf16 models: copies cross compressed and
-      are decoded on the device; `transient` and `paged` only); built
-      from the model's experts when omitted.
+      are decoded on the device; `transient` and `paged` only; or
+      `make_tiered_bank`: a compressed device tier too, `paged` only);
+      built from the model's experts when omitted.
     stop_tokens: token id(s) that end a row (the stop token is emitted).
     stop_at_eos: also stop at the model's `eos_token_id` (read from its
       Hugging Face config.json by `from_pretrained`).
@@ -356,7 +357,8 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
     bank = model.experts.weights()
   elif bank is None:
     bank = bank_lib.make_bank(model.experts.weights())
-  elif bank_lib.is_compressed(bank) and model.dtype != jnp.bfloat16:
+  elif ((bank_lib.is_compressed(bank) or bank_lib.is_tiered(bank)) and
+        model.dtype != jnp.bfloat16):
     raise ValueError(f"a compressed bank holds bf16 experts; this model "
                      f"computes in {jnp.dtype(model.dtype).name}.")
   spec, arrays, carry = paging_api.make_source(
@@ -419,9 +421,10 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
 
   prefetched = (spec.prefetch_counters(out.carry)
                 if experts == "paged" and prefetch else None)
-  out_tokens, out_logits, routes, counters, looks, prefetched = (
+  tiered = spec.tier_loads(out.carry) if experts == "paged" else None
+  out_tokens, out_logits, routes, counters, looks, prefetched, tiered = (
       jax.device_get((out_tokens, out_logits, routes, counters, looks,
-                      prefetched)))
+                      prefetched, tiered)))
   generated = np.stack(out_tokens, axis=1)
   lengths, reasons = _lengths(generated, stop_ids)
   result = GenerateOutput(
@@ -429,7 +432,8 @@ def generate(model: MoEModel, prompts, max_new_tokens: int,
       prompt_lengths=(prompt_len - start).astype(np.int32),
       prompt_width=prompt_len, cache_length=cache_len,
       stats=paging_api.stats_from_counters(
-          experts, counters, bank_lib.bytes_per_expert(bank), prefetched))
+          experts, counters, bank_lib.bytes_per_expert(bank), prefetched,
+          tiered))
   if return_logits:
     result.logits = np.stack(out_logits, axis=1)
   if record_routing:
