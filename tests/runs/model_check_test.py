@@ -5,6 +5,8 @@ check serves real engine runs: `experiments/model_check.py
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 
 from wisp_jax.alloc.split import Split
@@ -59,3 +61,23 @@ def test_relative_error_and_splits():
   wc = type("W", (), {"slots": "2,4", "kv_blocks": "20"})()
   assert model_check.splits_of(wc, 2) == [Split.make(2, 20, 2),
                                           Split.make(4, 20, 2)]
+
+
+def _pass(kind, needed):
+  return P(kind, 1, 4, 0, 0, 0, np.array([needed], bool))
+
+
+def test_replayed_counts_of_executed_passes_by_hand():
+  # One layer, E=3, one slot. The replay starts warm with the experts
+  # ranked in id order (0 on top): {0} hits, then {1}, {0}, {1} miss. The
+  # prefill {0, 1, 2} finds 1 resident and copies 0 and 2 (the expert it
+  # keeps, 0, was not resident before: no overflow reload).
+  window = [(None, [_pass("decode", [1, 0, 0]), _pass("decode", [0, 1, 0])]),
+            (None, [_pass("decode", [1, 0, 0]), _pass("decode", [0, 1, 0]),
+                    _pass("prefill", [1, 1, 1])])]
+  got = model_check.replayed_counts(window, Split.make(1, 20, 1))
+  assert got["decode_misses"] == 3 / 4
+  # Without needed sets (a policy that keeps no last use) there is none.
+  bare = [(None, [P("decode", 1, 4, 0, 0, 0)])]
+  assert model_check.replayed_counts(bare, Split.make(1, 20, 1)) is None
+  assert got["prefill_loads"] == 2

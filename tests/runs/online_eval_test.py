@@ -93,7 +93,13 @@ def test_end_to_end_small(tmp_path):
   runs = {(tuple(l["seeds"]), l["configuration"], l["scenario"]): l
           for l in lines}
   seeds = online_eval.phase_seeds(11, 2)
+  # Settings chosen on the tuning scenario are the ones evaluated.
+  tuning = summary["tuning"]["controllers"]["step_curve@inline"]
+  assert len(tuning["tried"]) == 2  # dead_zone 0.1 and 0.3
+  assert tuning["chosen"] == max(tuning["tried"], key=lambda t: t[
+      "tokens_per_s"])["settings"]
   inline = runs[(seeds, "step_curve@inline", "chat,long")]
+  assert inline["settings"] == tuning["chosen"]
   behind = runs[(seeds, "step_curve@behind", "chat,long")]
   fixed = runs[(seeds, "fixed-2", "chat,long")]
   # Every configuration serves the same requests to the end.

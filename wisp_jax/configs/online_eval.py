@@ -11,10 +11,11 @@ Quick run (two scenarios, two seeds, one controller; a few minutes):
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py:tiny --workdir=workdirs/online_eval_tiny
 
-Everything the controllers use (window, dead zones, weights, KV granule,
-budget, fixed splits) is the `online` experiment's `tiny` config, frozen;
-the initial split is the fixed split that serves the tuning scenario best
-(chosen here, on `tuning_seeds`). The evaluation scenarios use other phase
+The engine, budget, fixed splits and every controller setting not in
+`tuning_grid` are the `online` experiment's `tiny` config; the initial
+split is the fixed split that serves the tuning scenario best, and the
+`tuning_grid` settings the combination that serves it best (both chosen
+here, on `tuning_seeds`), then frozen. The evaluation scenarios use other phase
 mixes and orders, a gradual drift and stationary controls, with arrival
 seeds the tuning never saw. Arrivals are open loop in modelled time:
 Poisson, `rate` requests per `arrival_step_s` seconds. Override fields,
@@ -60,6 +61,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # phase's arrivals start where the previous phase's arrivals end).
   config.tuning = "long,chat"
   config.tuning_seeds = "0,1"
+  # Controller settings tried on the tuning scenario (field -> values,
+  # comma-separated); the best combination is frozen for the evaluation.
+  config.tuning_grid = ml_collections.ConfigDict({
+      "step_curve": {"window": "8,32", "dead_zone": "0.1,0.3"},
+      "mv": {"mv_window": "8,64", "mv_dead_zone": "0.05,0.2"},
+  })
   config.scenarios = ml_collections.ConfigDict({
       "chat_long": "chat,long",  # the tuning mix, other order
       "doc_burst_long": "doc,burst,long",  # other phase types
@@ -89,6 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for phase in config.phase_types.values():
       phase.num_requests = max(4, phase.num_requests // 4)
     config.controller.rules = "step_curve"
+    config.tuning_grid = ml_collections.ConfigDict(
+        {"step_curve": {"dead_zone": "0.1,0.3"}})
     config.sensitivity_overheads = ""
     config.sensitivity_h2d_scales = ""
   return config

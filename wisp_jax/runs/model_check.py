@@ -17,7 +17,15 @@ every split (uniform slots, KV blocks):
   4. compare per run: mean decode batch, expert misses per decode pass,
      expert copies per prefill pass, preemptions per step, KV blocks in
      use, and modelled seconds per output token (each side's counts priced
-     by the same `sim.cost.step_cost`).
+     by the same `sim.cost.step_cost`);
+  5. decompose the traffic error (`decomposition`: decode misses per
+     decode pass and copies per prefill pass, each step closer to the
+     engine): the prediction; the prediction with curves profiled on the
+     served requests themselves (the routing sample); the model's curves
+     averaged over the executed decode batch sizes at the executed prefill
+     rate (the KV dynamics); Mattson's counting (`alloc.steady`) replayed
+     on the executed passes' own needed sets (the counting); and the
+     engine.
 
 Workloads tagged `fit` were used to fix the model; `held` ones were not
 (the report gives the agreement of each set). Writes `config.json`,
@@ -36,12 +44,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
+from wisp_jax.alloc import steady
 from wisp_jax.alloc import throughput
 from wisp_jax.alloc.curves import curves_from_trace
 from wisp_jax.alloc.split import Split
@@ -66,19 +76,23 @@ METRICS = (
     ("kv_in_use", "KV blocks in use"),
     ("seconds_per_token", "modelled seconds per output token"),
 )
+# The traffic metrics whose error `decomposition` splits by cause.
+DECOMPOSED = ("decode_misses", "prefill_loads")
 # Below these, both sides count as equal (rates of rare events).
 ABSOLUTE = {"preemptions": 0.01}
 
 
 @dataclasses.dataclass
 class Pass:
-  """One executed forward pass."""
+  """One executed forward pass (`needed`: `[L, E]` its needed experts, from
+  the pager's last-use ticks; None where the policy keeps none)."""
   kind: str
   rows: int
   context: int
   hits: int
   misses: int
   loads: int
+  needed: np.ndarray | None = None
 
 
 class PassRecorder:
@@ -97,7 +111,14 @@ class PassRecorder:
                              self.executor.counters.sum(axis=1) - before)
       context = (len(rows[0].tokens) if kind == "prefill" else
                  sum(int(r.length) + 1 for r in rows))
-      self.passes.append(Pass(kind, len(rows), context, hits, misses, loads))
+      state = self.executor.pager_state
+      needed = None
+      if state is not None and hasattr(state.policy_state, "last_use"):
+        last_use, tick = jax.device_get((state.policy_state.last_use,
+                                         state.tick))
+        needed = np.asarray(last_use) == int(tick) - 1  # this pass's tick
+      self.passes.append(Pass(kind, len(rows), context, hits, misses, loads,
+                              needed))
       return out
 
     self.executor.run = run
@@ -119,11 +140,12 @@ def make_requests(wc, vocab_size: int, seed: int):
       seed)
 
 
-def profile_curves(model: MoEModel, wc, seed: int):
+def profile_curves(model: MoEModel, wc, seed: int, requests=None):
   """Routing curves of `profile_requests` other requests (recorded in
-  waves of 8, each cut to its own output length)."""
-  requests = make_requests(dict_to_config(wc, num_requests=wc.profile_requests),
-                           model.config.vocab_size, seed)
+  waves of 8, each cut to its own output length), or of `requests`."""
+  if requests is None:
+    requests = make_requests(dict_to_config(
+        wc, num_requests=wc.profile_requests), model.config.vocab_size, seed)
   longest = max(r.max_new_tokens for r in requests)
   trace = record_lib.record(model, [r.prompt for r in requests], longest, 8,
                             equal_length=False,
@@ -215,6 +237,47 @@ def predicted_rates(workload: Workload, split: Split, max_batch: int
           "seconds_per_token": p.seconds_per_token}
 
 
+def at_executed_mix(workload: Workload, split: Split, window
+                    ) -> dict[str, float]:
+  """The model's traffic curves read at the executed decode batch sizes
+  (each pass at its own level) and the executed prefill rate, instead of
+  at the modelled mean batch."""
+  t = throughput.tables(workload)
+  caps = np.asarray(split.slots_per_layer, np.int64)
+  layers = np.arange(caps.size)
+  decode = [p for _, ps in window for p in ps if p.kind == "decode"]
+  prefills = sum(p.kind == "prefill" for _, ps in window for p in ps)
+  rate = prefills / max(len(decode), 1)
+  cv = t.curves
+  level = lambda name, n: float(cv[name][min(n, len(cv[name])) - 1][
+      layers, caps].sum())
+  misses = np.mean([level("decode_misses", p.rows) + rate * level(
+      "eviction_misses", p.rows) for p in decode])
+  n = int(round(np.mean([p.rows for p in decode])))
+  return {"decode_misses": float(misses),
+          "prefill_loads": level("prefill_loads", n)}
+
+
+def replayed_counts(window, split: Split) -> dict[str, float] | None:
+  """Mattson's counting of the executed passes' own needed sets
+  (`alloc.steady.lru_pass_counts`, the model's counting), per pass; None
+  when the passes carry no needed sets."""
+  passes = [p for _, ps in window for p in ps]
+  if not passes or any(p.needed is None for p in passes):
+    return None
+  masks = np.stack([p.needed for p in passes])
+  kinds = np.array([steady.PREFILL_PASS if p.kind == "prefill" else
+                    steady.DECODE_PASS for p in passes])
+  decode, prefill = steady.lru_pass_counts(masks, kinds,
+                                           np.ones(len(passes), bool))
+  caps = np.asarray(split.slots_per_layer, np.int64)
+  layers = np.arange(caps.size)
+  return {"decode_misses": float(decode.misses[layers, caps].sum()) /
+                           max(decode.passes, 1),
+          "prefill_loads": float(prefill.loads[layers, caps].sum()) /
+                           max(prefill.passes, 1)}
+
+
 def relative_error(name: str, predicted: float, executed: float) -> float:
   floor = ABSOLUTE.get(name, 0.0)
   if abs(predicted - executed) <= floor:
@@ -256,6 +319,22 @@ def _plot(rows, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _decomposition_table(rows) -> str:
+  steps = ("predicted", "own_routing", "executed_mix", "replayed")
+
+  def cell(r, step, metric):
+    d = r["decomposition"]
+    if d[step] is None:
+      return "-"
+    error = relative_error(metric, d[step][metric], d["executed"][metric])
+    return f"{error:+.1%}"
+
+  return reports.text_table(
+      ["workload", "slots", "KV", "metric"] + list(steps),
+      [[r["workload"], r["slots"], r["kv_blocks"], m] +
+       [cell(r, step, m) for step in steps] for r in rows for m in DECOMPOSED])
+
+
 def _agreement(rows, tag: str) -> dict[str, Any]:
   chosen = [r for r in rows if r["set"] == tag]
   out = {}
@@ -284,6 +363,7 @@ def run(config: ml_collections.ConfigDict,
       mc = model.config
       curves = profile_curves(model, wc, wc.seed + 1000)
       requests = make_requests(wc, mc.vocab_size, wc.seed)
+      own_curves = profile_curves(model, wc, wc.seed, requests)
       prompt = np.array([len(r.prompt) for r in requests])
       output = np.array([r.max_new_tokens for r in requests])
       workload = Workload(model=mc, hardware=hardware, prompt_lens=prompt,
@@ -291,6 +371,8 @@ def run(config: ml_collections.ConfigDict,
                           curves=curves,
                           bytes_per_param=config.bytes_per_param,
                           block_size=wc.block_size, name=name)
+      own = dataclasses.replace(workload, curves=own_curves,
+                                name=f"{name} (own routing)")
       splits = splits_of(wc, mc.num_layers)
       num_slots = max(max(s.slots_per_layer) for s in splits)
       for split in splits:
@@ -299,12 +381,21 @@ def run(config: ml_collections.ConfigDict,
         got = executed_rates(executed["steps"], mc, hardware,
                              config.bytes_per_param)
         want = predicted_rates(workload, split, wc.concurrency)
+        steps_window = executed["steps"]
+        decomposition = {
+            "predicted": {k: want[k] for k in DECOMPOSED},
+            "own_routing": {k: predicted_rates(own, split, wc.concurrency)[k]
+                            for k in DECOMPOSED},
+            "executed_mix": at_executed_mix(own, split, steps_window),
+            "replayed": replayed_counts(steps_window, split),
+            "executed": {k: got[k] for k in DECOMPOSED}}
         row = {"workload": name, "set": wc.set, "preset": wc.preset,
                "slots": split.slots_per_layer[0], "kv_blocks":
                split.kv_blocks, "steady_steps": executed["num_steps"],
                "executed": got, "predicted": want,
                "error": {k: relative_error(k, want[k], got[k])
-                         for k in got}}
+                         for k in got},
+               "decomposition": decomposition}
         rows.append(row)
         metrics.write(json.dumps(row) + "\n")
         logging.info(
@@ -321,6 +412,10 @@ def run(config: ml_collections.ConfigDict,
       ["workload", "set", "slots", "KV"] + [m for m, _ in METRICS],
       [[r["workload"], r["set"], r["slots"], r["kv_blocks"]] +
        [f"{r['error'][m]:+.1%}" for m, _ in METRICS] for r in rows])
+  table += ("\n\ntraffic error by cause (profiled on other requests -> on "
+            "the served requests -> their curves at the executed batch mix "
+            "-> the model's counting of the executed passes):\n"
+            + _decomposition_table(rows))
   text = ("predicted / executed - 1 per run:\n" + table + "\n\nworst |error| "
           "on held-aside workloads: " + ", ".join(
               f"{m} {v['worst_abs_error']:.1%}" for m, v in

@@ -2,10 +2,12 @@
 
 See configs/online_eval.py. The protocol:
 
-  1. Frozen settings. Every controller setting is the `online` experiment's
-     `tiny` config; the initial split is chosen here, as the fixed split
-     with the best mean throughput on the tuning scenario (its phases, its
-     seeds). Nothing below changes any of them.
+  1. Frozen settings, chosen on the tuning scenario (its phases, its
+     seeds) alone: the initial split is the fixed split with the best mean
+     throughput there, and each controller's `tuning_grid` settings the
+     combination with the best mean throughput there (`tune_settings`);
+     the rest are the `online` experiment's `tiny` config. Nothing below
+     changes any of them.
   2. Held-out scenarios (other phase mixes and orders, a gradual drift,
      stationary controls), each on arrival seeds the tuning never saw.
      Arrivals are open loop in modelled time: Poisson arrival times in
@@ -36,6 +38,7 @@ Writes `config.json`, `metrics.jsonl` (one line per run), `summary.json`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -317,19 +320,34 @@ class Evaluator:
       budget.check(split)
     self.rules = [f"{rule}@{mode}" for rule in online.rule_names(config)
                   for mode in reports.split_names(config.decisions)]
+    # Controller settings per "rule@decision", chosen on the tuning
+    # scenario (`tune_settings`): ((field, value), ...).
+    self.settings: dict[str, tuple] = {}
     self._done: dict[tuple, dict] = {}
+
+  def _config(self, settings: tuple):
+    if not settings:
+      return self.config
+    config = ml_collections.ConfigDict(self.config.to_dict())
+    for field, value in settings:
+      config.controller[field] = value
+    return config
 
   def run(self, spec: str, seeds: tuple[int, ...], configuration: str,
           initial: Split | None = None, tag: str = "",
-          per_phase: tuple[int, ...] | None = None) -> dict[str, Any]:
+          per_phase: tuple[int, ...] | None = None,
+          settings: tuple | None = None) -> dict[str, Any]:
     """One run of scenario `spec` with phase seeds `seeds`:
     `configuration` is "fixed-S" or "rule@decision" (starting at
     `initial`; decision "inline" or "behind", see `serve_open_loop`), or
     "oracle": phase i served by fixed split `per_phase[i]` from its first
-    arrival on."""
+    arrival on. A controller runs with `settings` ((field, value) pairs of
+    `config.controller`; default: those chosen for it on tuning)."""
     fixed = configuration.startswith("fixed-")
+    if settings is None:
+      settings = () if fixed else self.settings.get(configuration, ())
     key = (spec, seeds, configuration, None if fixed else initial, tag,
-           per_phase)
+           per_phase, settings)
     if key in self._done:
       return self._done[key]
     phases = scenario_phases(self.config, spec)
@@ -348,14 +366,15 @@ class Evaluator:
     else:
       name, decision = configuration.split("@")
       split = initial
-      rule = online.make_rule(name, self.config, self.model, self.budget,
-                              self.hardware)
-    out = serve_open_loop(self.model, self.config, self.budget, stream,
-                          split, rule, self.hardware, len(phases), decision,
-                          schedule)
+      rule = online.make_rule(name, self._config(settings), self.model,
+                              self.budget, self.hardware)
+    out = serve_open_loop(self.model, self._config(settings), self.budget,
+                          stream, split, rule, self.hardware, len(phases),
+                          decision, schedule)
     self.metrics.write(json.dumps({"scenario": spec, "seeds": seeds,
                                    "configuration": configuration,
-                                   "tag": tag, **out}) + "\n")
+                                   "tag": tag, "settings": dict(settings),
+                                   **out}) + "\n")
     self.metrics.flush()
     logging.info("%-22s seeds %s %-12s %s: %.0f tok/s, %d resizes", spec,
                  seeds, configuration, tag, out["tokens_per_s"],
@@ -386,8 +405,14 @@ def evaluate_scenario(ev: Evaluator, spec: str, seeds, initial: Split,
     oracle_runs.append(ev.run(spec, phase_seeds(seed, len(phases)), "oracle",
                               None, tag, tuple(best)))
   oracle = np.array([r["tokens_per_s"] for r in oracle_runs])
+  worst = min(fixed, key=lambda n: speed[n].mean())
   out = {"phases": phases, "seeds": list(seeds), "tuned_fixed": tuned,
          "best_fixed_in_hindsight": hindsight,
+         # What adapting could win at most (the oracle, switches priced)
+         # and what the split is worth at all (best over worst fixed).
+         "oracle_over_best_fixed": mean_interval(oracle / speed[hindsight]),
+         "best_over_worst_fixed": mean_interval(speed[hindsight] /
+                                                speed[worst]),
          "tokens_per_s": {n: mean_interval(v) for n, v in speed.items()},
          "oracle_tokens_per_s": mean_interval(oracle),
          "oracle_resizes_per_run": float(np.mean(
@@ -407,6 +432,41 @@ def evaluate_scenario(ev: Evaluator, spec: str, seeds, initial: Split,
         "latency_over_tuned_fixed": mean_interval(
             [a["mean_latency_s"] / b["mean_latency_s"]
              for a, b in zip(runs[rule], runs[tuned])])}
+  return out
+
+
+def grid(config, rule: str) -> list[tuple]:
+  """Every combination of `config.tuning_grid[rule]` (field -> values,
+  comma-separated), as ((field, value), ...) tuples; [()] without one."""
+  if rule not in config.tuning_grid:
+    return [()]
+  fields = config.tuning_grid[rule]
+  unknown = [f for f in fields if f not in config.controller]
+  if unknown:
+    raise ValueError(f"tuning_grid.{rule} names unknown controller fields "
+                     f"{unknown}.")
+  values = [[type(config.controller[f])(v) for v in
+             reports.split_names(str(fields[f]))] for f in fields]
+  return [tuple(zip(fields, combo)) for combo in itertools.product(*values)]
+
+
+def tune_settings(ev: "Evaluator", spec: str, seeds, initial: Split
+                  ) -> dict[str, Any]:
+  """Chooses each controller's settings on the tuning scenario (the best
+  mean throughput over `seeds`) and freezes them in `ev.settings`."""
+  out = {}
+  for configuration in ev.rules:
+    rule = configuration.split("@")[0]
+    tried = {}
+    for settings in grid(ev.config, rule):
+      tried[settings] = float(np.mean([ev.run(
+          spec, phase_seeds(s, len(reports.split_names(spec))),
+          configuration, initial, settings=settings)["tokens_per_s"]
+                                       for s in seeds]))
+    best = max(tried, key=tried.get)
+    ev.settings[configuration] = best
+    out[configuration] = {"chosen": dict(best), "tried": [
+        {"settings": dict(k), "tokens_per_s": v} for k, v in tried.items()]}
   return out
 
 
@@ -443,6 +503,8 @@ def run(config: ml_collections.ConfigDict,
     initial = ev.fixed[int(tuned[6:])]
     logging.info("tuning scenario %s: best fixed split %s", config.tuning,
                  tuned)
+    controller_tuning = tune_settings(ev, config.tuning, tuning_seeds,
+                                      initial)
     chosen = reports.split_names(config.evaluate)
     unknown = [n for n in chosen if n not in config.scenarios]
     if unknown:
@@ -461,6 +523,7 @@ def run(config: ml_collections.ConfigDict,
                      hardware, h2d_bytes_per_s=hardware.h2d_bytes_per_s *
                      value))
       sub = Evaluator(config, model, budget, changed, metrics)
+      sub.settings = dict(ev.settings)
       label = f"{field}={value:g}"
       sensitivity[label] = {
           name: evaluate_scenario(sub, config.scenarios[name],
@@ -470,7 +533,8 @@ def run(config: ml_collections.ConfigDict,
   summary = {"model": model.config.name, "model_origin": origin,
              "hardware": dataclasses.asdict(hardware),
              "tuning": {"scenario": config.tuning, "seeds": tuning_seeds,
-                        "tokens_per_s": tuning, "chosen": tuned},
+                        "tokens_per_s": tuning, "chosen": tuned,
+                        "controllers": controller_tuning},
              "scenarios": scenarios, "sensitivity": sensitivity}
   common.finish(out, summary)
   return reports.Report(summary, table(summary))
@@ -493,8 +557,18 @@ def table(summary: dict[str, Any]) -> str:
                    s["best_fixed_in_hindsight"]])
   head = ["scenario", "controller", "/ tuned fixed", "/ best fixed",
           "/ switching oracle", "resizes", "overhead", "best fixed"]
-  text = (f"tuned fixed split (scenario {summary['tuning']['scenario']}): "
-          f"{summary['tuning']['chosen']}\n" + reports.text_table(head, rows))
+  headroom = reports.text_table(
+      ["scenario", "best fixed / worst fixed", "oracle / best fixed"],
+      [[name, _ci(s["best_over_worst_fixed"]),
+        _ci(s["oracle_over_best_fixed"])]
+       for name, s in summary["scenarios"].items()])
+  tuning = summary["tuning"]
+  chosen = "; ".join(f"{name} {c['chosen']}" for name, c in
+                     tuning["controllers"].items())
+  text = (f"tuned on scenario {tuning['scenario']}: fixed split "
+          f"{tuning['chosen']}; controller settings: {chosen}\n" +
+          reports.text_table(head, rows) +
+          "\n\nwhat the split is worth per scenario:\n" + headroom)
   for label, scenarios in summary["sensitivity"].items():
     text += f"\n{label}: " + "; ".join(
         f"{name} {rule} {_ci(r['over_best_fixed_in_hindsight'])}"
