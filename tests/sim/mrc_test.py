@@ -8,8 +8,10 @@ from wisp_jax.traces import synthetic
 from wisp_jax.traces.trace import DECODE, RoutingTrace
 
 
-def lru_hits_reference(trace: RoutingTrace, capacity: int) -> np.ndarray:
-  """Plain-Python per-layer LRU cache; returns `[L]` hits.
+def lru_hits_reference(trace: RoutingTrace, capacity: int,
+                       per_expert: bool = False) -> np.ndarray:
+  """Plain-Python per-layer LRU cache; returns `[L]` hits (`[L, E]` hits
+  of each expert with `per_expert`).
 
   Per step and layer: U = distinct experts the step's tokens need; hits =
   |U & cache|, misses = |U - cache|. Each miss evicts the least recently
@@ -17,12 +19,13 @@ def lru_hits_reference(trace: RoutingTrace, capacity: int) -> np.ndarray:
   used in the same step, the higher id is evicted first. If |U| >
   capacity, the cache keeps the `capacity` lowest ids of U after the step.
   """
-  hits = np.zeros(trace.num_layers, np.int64)
+  hits = np.zeros((trace.num_layers, trace.num_experts), np.int64)
   for layer in range(trace.num_layers):
     cache, last_use = set(), {}
     for t, group in enumerate(trace.steps()):
       needed = sorted(set(group.ids[:, layer].ravel().tolist()))
-      hits[layer] += sum(e in cache for e in needed)
+      for e in needed:
+        hits[layer, e] += e in cache
       for e in needed:
         if e in cache:
           continue
@@ -36,7 +39,7 @@ def lru_hits_reference(trace: RoutingTrace, capacity: int) -> np.ndarray:
         last_use[e] = (t, -e)  # larger = kept longer
       if len(needed) > capacity:
         cache = set(needed[:capacity])
-  return hits
+  return hits if per_expert else hits.sum(axis=1)
 
 
 def _one_layer_trace(steps: list[list[list[int]]], num_experts: int
@@ -132,6 +135,19 @@ def test_bitmasks_from_ids_equal_bitmasks_from_masks(num_experts):
   assert words[3, 2, e // 64] >> np.uint64(e % 64) & np.uint64(1) == 1
   assert np.array_equal(np.bitwise_count(words).sum(axis=-1),
                         masks.sum(axis=-1))
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 8])
+def test_expert_misses_equal_the_reference_per_expert(capacity):
+  trace = synthetic.zipf(2, 9, 3, 3, 15, 3, alpha=1.0, seed=4)
+  refs = trace.needed_masks().sum(axis=0)  # [L, E] steps needing e
+  want = refs - lru_hits_reference(trace, capacity, per_expert=True)
+  got = mrc.expert_misses(trace, capacity)
+  assert np.array_equal(got, want)
+  assert np.array_equal(got.sum(axis=1),
+                        mrc.mattson(trace).misses_at(capacity))
+  with pytest.raises(ValueError, match="capacity must lie"):
+    mrc.expert_misses(trace, 10)
 
 
 def test_working_set_sizes_hand_computed():

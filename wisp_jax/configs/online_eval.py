@@ -1,12 +1,12 @@
 r"""The online controllers judged out of sample, in modelled time.
 
 Full run (the `tiny` preset with random weights, float32, on CPU; about
-25 min on a busy 2-core x86-64 CPU VM):
+15 min on an otherwise idle 2-core x86-64 CPU VM):
 
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py --workdir=workdirs/online_eval
 
-Quick run (two scenarios, two seeds, one controller; a few minutes):
+Quick run (two scenarios, two seeds, one controller; about a minute):
 
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py:tiny --workdir=workdirs/online_eval_tiny

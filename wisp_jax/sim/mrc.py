@@ -148,10 +148,12 @@ def words_of_ids(ids: np.ndarray, num_experts: int) -> np.ndarray:
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "histogram"))
+@functools.partial(jax.jit, static_argnames=("num_experts", "histogram",
+                                             "per_expert"))
 def _scan(needed: jax.Array, above: tuple[jax.Array, ...],
-          capacities: jax.Array, num_experts: int, histogram: bool
-          ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+          capacities: jax.Array, num_experts: int, histogram: bool,
+          per_expert: bool = False
+          ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...], jax.Array]:
   """LRU stack distances of a chunk of steps (one jitted scan, all layers).
 
   The state is, per layer and expert e, the bitmask `above[w][l, e]` (word
@@ -172,11 +174,13 @@ def _scan(needed: jax.Array, above: tuple[jax.Array, ...],
     capacities: `[C]` int32 capacities whose per-step hits to return.
     num_experts: E.
     histogram: also count distances (else the histogram stays zero).
+    per_expert: also count each expert's misses at each capacity.
 
   Returns:
     the chunk's distance histogram `[L, E + 1]` int32 (column E: cold
-    references), its per-step hits `[S, L, C]` int32 at each capacity, and
-    the state after it.
+    references), its per-step hits `[S, L, C]` int32 at each capacity, the
+    state after it, and the chunk's misses `[L, E, C]` int32 of each expert
+    at each capacity (zero without `per_expert`).
   """
   num_layers = needed.shape[1]
   expert = jnp.arange(num_experts)
@@ -200,7 +204,7 @@ def _scan(needed: jax.Array, above: tuple[jax.Array, ...],
                             for table in tables]
 
   def step(carry, now):
-    above, hist = carry
+    above, hist, missed = carry
     now = [word_[:, None] for word_ in to_words(now)]  # W x [L, 1]
     needed = (now[0] >> bit) & 1  # [L, E]
     for w in range(1, len(now)):
@@ -210,15 +214,20 @@ def _scan(needed: jax.Array, above: tuple[jax.Array, ...],
                    for a in above)
     if histogram:
       hist = hist.at[rows, distance].add(needed.astype(jnp.int32))
-    hits = jnp.sum((distance[:, :, None] < capacities) & needed[:, :, None],
-                   axis=1, dtype=jnp.int32)
+    hit = (distance[:, :, None] < capacities) & needed[:, :, None]
+    hits = jnp.sum(hit, axis=1, dtype=jnp.int32)
+    if per_expert:
+      missed = missed + (needed[:, :, None] & ~hit).astype(jnp.int32)
     above = tuple(jnp.where(needed, now_w & lower_w, a | now_w)
                   for a, now_w, lower_w in zip(above, now, lower))
-    return (above, hist), hits
+    return (above, hist, missed), hits
 
   hist = jnp.zeros((num_layers, num_experts + 1), jnp.int32)
-  (above, hist), hits = jax.lax.scan(step, (above, hist), needed)
-  return hist, hits, above
+  missed = jnp.zeros((num_layers, num_experts, capacities.shape[0]),
+                     jnp.int32)
+  (above, hist, missed), hits = jax.lax.scan(step, (above, hist, missed),
+                                             needed)
+  return hist, hits, above, missed
 
 
 def _cold_state(num_layers: int, num_experts: int) -> tuple[jax.Array, ...]:
@@ -234,7 +243,7 @@ _CHUNK_ELEMENTS = 2**22
 
 
 def lru_scan(needed: np.ndarray, num_experts: int, capacities=(),
-             histogram: bool = True) -> tuple[np.ndarray, np.ndarray]:
+             histogram: bool = True, per_expert: bool = False) -> tuple:
   """Stack-distance pass over a trace's needed sets, chunked.
 
   Args:
@@ -245,11 +254,13 @@ def lru_scan(needed: np.ndarray, num_experts: int, capacities=(),
     num_experts: E.
     capacities: capacities whose per-step hits to return.
     histogram: count distances (Mattson); skip it when only hits matter.
+    per_expert: also return each expert's misses at each capacity.
 
   Returns:
     the distance histogram `[L, E]` int64 (cold references excluded; zero
-    without `histogram`) and the per-step hits `[S, L, C]` int32 at each
-    of `capacities`.
+    without `histogram`), the per-step hits `[S, L, C]` int32 at each of
+    `capacities` and, with `per_expert`, the misses `[L, E, C]` int64 of
+    each expert at each capacity.
   """
   num_steps, num_layers, width = needed.shape
   if needed.dtype == np.uint64:
@@ -267,6 +278,7 @@ def lru_scan(needed: np.ndarray, num_experts: int, capacities=(),
   chunk = min(1 << (chunk.bit_length() - 1),  # a power of two: few shapes
               1 << max(num_steps - 1, 0).bit_length())
   hist = np.zeros((num_layers, num_experts + 1), np.int64)
+  missed = np.zeros((num_layers, num_experts, caps.size), np.int64)
   hits = []
   with jax.enable_x64(True):  # uint64 words, only inside this pass
     above = _cold_state(num_layers, num_experts)
@@ -276,13 +288,16 @@ def lru_scan(needed: np.ndarray, num_experts: int, capacities=(),
       if real < chunk:  # pad with empty steps, which change nothing counted
         part = np.pad(part, ((0, chunk - real), (0, 0), (0, 0)),
                       constant_values=empty)
-      part_hist, part_hits, above = _scan(jnp.asarray(part), above,
-                                          jnp.asarray(caps), num_experts,
-                                          histogram)
+      part_hist, part_hits, above, part_missed = _scan(
+          jnp.asarray(part), above, jnp.asarray(caps), num_experts,
+          histogram, per_expert)
       hist += np.asarray(part_hist)
+      missed += np.asarray(part_missed)
       hits.append(np.asarray(part_hits)[:real])
   hits = (np.concatenate(hits) if hits else
           np.zeros((0, num_layers, caps.size), np.int32))
+  if per_expert:
+    return hist[:, :num_experts], hits, missed
   return hist[:, :num_experts], hits
 
 
@@ -306,6 +321,21 @@ def mattson(trace_or_masks: RoutingTrace | np.ndarray) -> MissRatioCurve:
   return MissRatioCurve(references=references, cold=cold,
                         distance_histogram=hist, hits=hits,
                         num_steps=num_steps)
+
+
+def expert_misses(trace_or_masks: RoutingTrace | np.ndarray,
+                  capacity: int) -> np.ndarray:
+  """`[L, E]` int64 misses of each expert in a capacity-`capacity` LRU
+  cache per layer (the module docstring's model): which experts a cache of
+  that size keeps missing, e.g. to plan a compressed device tier
+  (`paging.bank.tier_from_counts`)."""
+  masks = _masks(trace_or_masks)
+  if not 0 <= capacity <= masks.shape[2]:
+    raise ValueError(f"capacity must lie in [0, E={masks.shape[2]}], got "
+                     f"{capacity}.")
+  _, _, missed = lru_scan(words_of_masks(masks), masks.shape[2], [capacity],
+                          histogram=False, per_expert=True)
+  return missed[:, :, 0]
 
 
 def working_set_sizes(trace_or_masks: RoutingTrace | np.ndarray,
