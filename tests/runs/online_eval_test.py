@@ -66,7 +66,7 @@ def test_resize_seconds_by_hand():
 def _small_config():
   config = configs.get("online_eval", "tiny")
   for phase in config.phase_types.values():
-    phase.num_requests = 4
+    phase.num_requests = 3
   config.fixed_slots = (2, 6)
   config.evaluate = "chat_long"
   config.tuning_seeds = "0"
