@@ -115,23 +115,19 @@ def test_residency_is_that_of_the_host_bank_alone(model, reference):
 
 
 def test_tier_counts_attribute_every_load(model, reference):
-  """With a raw host bank: every load is counted once, by its expert's
-  tier; the logits stay resident's."""
+  """With a raw host bank: two disjoint tiers that cover every expert
+  count each load once between them, by its expert's tier; the logits
+  stay resident's."""
   weights = model.experts.weights()
   tiered = lambda tier: _run(model, bank_lib.make_tiered_bank(
       weights, tier, compressed_host=False))
-  every = tiered(np.tile(np.arange(E), (L, 1)))
-  assert np.array_equal(every.stats.tier_loads, every.stats.loads)
-  assert every.stats.bytes_moved == 0
-  # Two disjoint tiers that cover every expert: their counts add up to
-  # every load.
   low = tiered(np.tile(np.arange(3), (L, 1)))
   high = tiered(np.tile(np.arange(3, E), (L, 1)))
-  for out in (every, low, high):
+  for out in (low, high):
     assert np.array_equal(out.logits, reference.logits)
-    assert np.array_equal(out.stats.loads, every.stats.loads)
+  assert np.array_equal(low.stats.loads, high.stats.loads)
   assert np.array_equal(low.stats.tier_loads + high.stats.tier_loads,
-                        every.stats.loads)
+                        low.stats.loads)
   assert low.stats.tier_loads.any() and high.stats.tier_loads.any()
   raw = bank_lib.bytes_per_expert(bank_lib.make_bank(weights))
   assert low.stats.bytes_moved == int(

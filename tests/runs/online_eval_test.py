@@ -28,7 +28,7 @@ def test_mean_interval_by_hand():
 
 def test_stream_is_open_loop_and_phase_ordered():
   config = configs.get("online_eval", "tiny")
-  phases = online_eval.scenario_phases(config, "chat,long")
+  phases = online_eval.scenario_phases(config, "chat,burst")
   seeds = online_eval.phase_seeds(11, 2)
   stream = online_eval.make_stream(phases, 256, seeds, 1e-4)
   again = online_eval.make_stream(phases, 256, seeds, 1e-4)
@@ -64,11 +64,15 @@ def test_resize_seconds_by_hand():
 
 
 def _small_config():
+  # Short prompts only (few prefill shapes to compile): tuning on
+  # burst-then-chat, evaluation on chat-then-burst.
   config = configs.get("online_eval", "tiny")
   for phase in config.phase_types.values():
     phase.num_requests = 3
   config.fixed_slots = (2, 6)
-  config.evaluate = "chat_long"
+  config.tuning = "burst,chat"
+  config.scenarios = {"chat_burst": "chat,burst"}
+  config.evaluate = "chat_burst"
   config.tuning_seeds = "0"
   config.seeds = "11,12"
   return config
@@ -79,7 +83,7 @@ def test_end_to_end_small(tmp_path):
   report = online_eval.run(config, tmp_path)
   summary = report
   assert summary["tuning"]["chosen"] in ("fixed-2", "fixed-6")
-  s = summary["scenarios"]["chat_long"]
+  s = summary["scenarios"]["chat_burst"]
   speed = s["tokens_per_s"]
   for rule in ("step_curve@inline", "step_curve@behind"):
     r = s["controllers"][rule]
@@ -98,10 +102,10 @@ def test_end_to_end_small(tmp_path):
   assert len(tuning["tried"]) == 2  # dead_zone 0.1 and 0.3
   assert tuning["chosen"] == max(tuning["tried"], key=lambda t: t[
       "tokens_per_s"])["settings"]
-  inline = runs[(seeds, "step_curve@inline", "chat,long")]
+  inline = runs[(seeds, "step_curve@inline", "chat,burst")]
   assert inline["settings"] == tuning["chosen"]
-  behind = runs[(seeds, "step_curve@behind", "chat,long")]
-  fixed = runs[(seeds, "fixed-2", "chat,long")]
+  behind = runs[(seeds, "step_curve@behind", "chat,burst")]
+  fixed = runs[(seeds, "fixed-2", "chat,burst")]
   # Every configuration serves the same requests to the end.
   assert inline["tokens"] == behind["tokens"] == fixed["tokens"]
   assert sum(fixed["phase_tokens"]) == fixed["tokens"]
@@ -110,17 +114,17 @@ def test_end_to_end_small(tmp_path):
   assert behind["decision_s"] == 0
   assert inline["decision_s"] > 0 and behind["decision_off_path_s"] > 0
   # The oracle switches where the best split of the phase changes.
-  oracle = runs[(seeds, "oracle", "chat,long")]
+  oracle = runs[(seeds, "oracle", "chat,burst")]
   assert oracle["resizes"] <= 1
   want = np.mean([runs[(online_eval.phase_seeds(sd, 2), rule,
-                        "chat,long")]["tokens_per_s"] /
+                        "chat,burst")]["tokens_per_s"] /
                   runs[(online_eval.phase_seeds(sd, 2),
-                        s["best_fixed_in_hindsight"], "chat,long")][
+                        s["best_fixed_in_hindsight"], "chat,burst")][
                             "tokens_per_s"] for sd in (11, 12)
                   for rule in ("step_curve@behind",)])
   assert s["controllers"]["step_curve@behind"][
       "over_best_fixed_in_hindsight"]["mean"] == pytest.approx(want)
-  assert "chat_long" in report.text
+  assert "chat_burst" in report.text
 
 
 def test_tuning_seeds_must_be_held_out(tmp_path):

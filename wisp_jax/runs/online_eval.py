@@ -38,6 +38,7 @@ Writes `config.json`, `metrics.jsonl` (one line per run), `summary.json`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -96,6 +97,17 @@ def phase_seeds(seed: int, num_phases: int) -> tuple[int, ...]:
   return tuple(seed * 100 + i for i in range(num_phases))
 
 
+@functools.lru_cache(maxsize=None)
+def _phase_requests(num_requests: int, prompt_min: int, prompt_max: int,
+                    new_min: int, new_max: int, vocab_size: int, seed: int
+                    ) -> tuple:
+  """One phase's requests (cached: reading the stdlib prompts is slow, and
+  every configuration serves the same ones)."""
+  return tuple(request_stream.synthetic_workload(
+      num_requests, (prompt_min, prompt_max), (new_min, new_max), "all", 1.0,
+      vocab_size, 0.0, seed))
+
+
 def make_stream(phases, vocab_size: int, seeds: tuple[int, ...],
                 arrival_step_s: float) -> list[tuple[Any, float, int]]:
   """(request, arrival second, phase index) of every request, in arrival
@@ -103,10 +115,9 @@ def make_stream(phases, vocab_size: int, seeds: tuple[int, ...],
   phase's arrivals start where the previous phase's ended."""
   stream, start = [], 0.0
   for index, (p, seed) in enumerate(zip(phases, seeds, strict=True)):
-    requests = request_stream.synthetic_workload(
-        p.num_requests, (p.prompt_len_min, p.prompt_len_max),
-        (p.max_new_tokens_min, p.max_new_tokens_max), "all", 1.0,
-        vocab_size, 0.0, seed)
+    requests = _phase_requests(p.num_requests, p.prompt_len_min,
+                               p.prompt_len_max, p.max_new_tokens_min,
+                               p.max_new_tokens_max, vocab_size, seed)
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(arrival_step_s / p.rate, size=len(requests))
     times = start + np.cumsum(gaps)
@@ -151,20 +162,13 @@ class BehindController(ctl.Controller):
 
   def on_step(self, record) -> None:
     engine = self.engine
-    if self.pending is not None:  # waiting for the running requests
-      if not engine.num_running:
-        self._resize(self.pending, 0)
+    if self.at_barrier():
       return
     if self._ready is not None:
       at, chosen = self._ready
       if self.clock() >= at:
         self._ready = None
-        if chosen != engine.split:
-          if self.barrier == "preempt" or not engine.num_running:
-            self._resize(chosen, engine.drain())
-          else:
-            self.pending = chosen
-            engine.admission_paused = True
+        self.apply(chosen)
       return
     self._observed.append(ctl.observe(engine, record, self.routing))
     if len(self._observed) < self.window:
@@ -196,21 +200,13 @@ class ScheduledSwitches(ctl.Controller):
     self.schedule, self.clock = list(schedule), clock
 
   def on_step(self, record) -> None:
-    engine = self.engine
-    if self.pending is not None:
-      if not engine.num_running:
-        self._resize(self.pending, 0)
+    if self.at_barrier():
       return
     chosen = None
     while self.schedule and self.clock() >= self.schedule[0][0]:
       chosen = self.schedule.pop(0)[1]
-    if chosen is None or chosen == engine.split:
-      return
-    if self.barrier == "preempt" or not engine.num_running:
-      self._resize(chosen, engine.drain())
-    else:
-      self.pending = chosen
-      engine.admission_paused = True
+    if chosen is not None:
+      self.apply(chosen)
 
 
 DECISIONS = ("inline", "behind")

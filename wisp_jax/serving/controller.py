@@ -327,22 +327,35 @@ class Controller:
   def on_step(self, record: dict[str, Any]) -> None:
     """Observes a step; decides at the end of a window; resizes at the
     barrier."""
-    engine = self.engine
-    if self.pending is not None:  # draining: observations are not typical
-      if not engine.num_running:
-        self._resize(self.pending, 0)
+    if self.at_barrier():  # draining: observations are not typical
       return
-    self._observed.append(observe(engine, record, self.routing))
+    self._observed.append(observe(self.engine, record, self.routing))
     if len(self._observed) < self.window:
       return
-    chosen = self.rule.decide(engine.split, self._observed)
+    chosen = self.rule.decide(self.engine.split, self._observed)
     self._observed = []
-    if chosen == engine.split:
+    self.apply(chosen)
+
+  def at_barrier(self) -> bool:
+    """Whether a change waits for the running requests to finish (then
+    applied once none runs)."""
+    if self.pending is None:
+      return False
+    if not self.engine.num_running:
+      self._resize(self.pending, 0)
+    return True
+
+  def apply(self, split: Split) -> None:
+    """Moves to `split` at the barrier (nothing if it is the current one):
+    `preempt` drains and resizes now, `finish` stops admitting until the
+    running requests are done."""
+    engine = self.engine
+    if split == engine.split:
       return
     if self.barrier == "preempt" or not engine.num_running:
-      self._resize(chosen, engine.drain())
+      self._resize(split, engine.drain())
     else:
-      self.pending = chosen
+      self.pending = split
       engine.admission_paused = True
 
   def _resize(self, split: Split, preempted: int) -> None:
