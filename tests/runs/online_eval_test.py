@@ -74,7 +74,7 @@ def _small_config():
   config.scenarios = {"chat_burst": "chat,burst"}
   config.evaluate = "chat_burst"
   config.tuning_seeds = "0"
-  config.seeds = "11,12"
+  config.seeds = "11"
   return config
 
 
@@ -88,7 +88,7 @@ def test_end_to_end_small(tmp_path):
   for rule in ("step_curve@inline", "step_curve@behind"):
     r = s["controllers"][rule]
     # The ratios are those of the per-seed throughputs in metrics.jsonl.
-    assert r["over_best_fixed_in_hindsight"]["n"] == 2
+    assert r["over_best_fixed_in_hindsight"]["n"] == 1
     assert r["decision_s_share"] >= 0 and r["resize_s_share"] >= 0
   assert s["best_fixed_in_hindsight"] == max(
       ("fixed-2", "fixed-6"), key=lambda n: speed[n]["mean"])
@@ -116,12 +116,9 @@ def test_end_to_end_small(tmp_path):
   # The oracle switches where the best split of the phase changes.
   oracle = runs[(seeds, "oracle", "chat,burst")]
   assert oracle["resizes"] <= 1
-  want = np.mean([runs[(online_eval.phase_seeds(sd, 2), rule,
-                        "chat,burst")]["tokens_per_s"] /
-                  runs[(online_eval.phase_seeds(sd, 2),
-                        s["best_fixed_in_hindsight"], "chat,burst")][
-                            "tokens_per_s"] for sd in (11, 12)
-                  for rule in ("step_curve@behind",)])
+  want = (behind["tokens_per_s"] /
+          runs[(seeds, s["best_fixed_in_hindsight"], "chat,burst")][
+              "tokens_per_s"])
   assert s["controllers"]["step_curve@behind"][
       "over_best_fixed_in_hindsight"]["mean"] == pytest.approx(want)
   assert "chat_burst" in report.text
@@ -129,7 +126,7 @@ def test_end_to_end_small(tmp_path):
 
 def test_tuning_seeds_must_be_held_out(tmp_path):
   config = _small_config()
-  config.seeds = "0,12"
+  config.seeds = "0"
   with pytest.raises(ValueError, match="evaluation seeds must be held out"):
     online_eval.run(config, tmp_path)
 
