@@ -1,7 +1,6 @@
 """Tests of wisp_jax/runs/online_eval.py: intervals, streams, the priced
 clock and a small end-to-end evaluation (the tiny model, a few requests)."""
 
-import dataclasses
 import json
 import math
 
