@@ -36,6 +36,7 @@ from flax import struct
 from wisp_jax.compress import codec
 from wisp_jax.models import moe
 from wisp_jax.models.config import MoEConfig
+from wisp_jax.paging.policies import most_used
 
 HOST = "pinned_host"
 
@@ -202,8 +203,7 @@ def tier_from_counts(counts: np.ndarray, size: int) -> np.ndarray:
   if counts.ndim != 2 or not 0 <= size <= counts.shape[1]:
     raise ValueError(f"counts must be [L, E] and 0 <= size <= E, got "
                      f"{counts.shape} and size={size}.")
-  order = np.argsort(-counts, axis=1, kind="stable")
-  return order[:, :size].astype(np.int32)
+  return most_used(counts, size)
 
 
 def make_tiered_bank(experts: moe.ExpertWeights, tier_experts,

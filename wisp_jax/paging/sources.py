@@ -340,9 +340,6 @@ class PagedSource:
       ls, (slots, out, tiered) = pager.page_layer(
           self.policy, ls, needed, state.tick,
           (slots, out, jnp.zeros((), jnp.int32)), on_chunk, gates=gates)
-      if carry.tier_loads is not None:
-        carry = carry.replace(
-            tier_loads=carry.tier_loads.at[layer].add(tiered))
     else:
       # The hot set from the slots, then the misses from a scratch table.
       resident = ls.slot_of_expert >= 0
@@ -352,12 +349,12 @@ class PagedSource:
                 out=out, select=resident[ids])
       out = ffn(scratch, row[ids], out=out, select=~resident[ids])
       ls = pager.count_pinned(ls, needed)
-      if carry.tier_loads is not None:  # misses the device tier served
-        tiered = jnp.sum(needed & ~resident & (self.bank.gate.row[layer] >= 0),
-                         dtype=jnp.int32)
-        carry = carry.replace(
-            tier_loads=carry.tier_loads.at[layer].add(tiered))
+      missed = needed & ~resident
+      tiered = tier_copies(self.bank, layer, pager.compact(
+          missed, ids.size, num_experts), jnp.sum(missed, dtype=jnp.int32))
     state = pager.set_layer_state(state, layer, ls)
+    if carry.tier_loads is not None:  # the loads the device tier served
+      carry = carry.replace(tier_loads=carry.tier_loads.at[layer].add(tiered))
     carry = carry.replace(slots=slots, state=state)
     if self.predictor is not None:
       carry = self._prefetch(layer, x, ids, needed, carry)

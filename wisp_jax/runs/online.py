@@ -113,18 +113,30 @@ def make_rule(name: str, config, model, budget, hardware):
   raise ValueError(f"unknown controller rule {name!r}; use step_curve or mv.")
 
 
+def make_engine(model, config, budget: DeviceBudget, split: Split,
+                **kwargs) -> Engine:
+  """The engine of `config.engine` at `split`, with slot rows for any
+  split the budget allows (`kwargs`: e.g. the `clock`)."""
+  e = config.engine
+  return Engine(model, budget, split.slots_per_layer, split.kv_blocks,
+                e.block_size, e.max_batch, policy=e.policy,
+                min_prefill_bucket=e.min_prefill_bucket,
+                num_slots=ctl.max_slots_per_layer(budget, uniform=False),
+                **kwargs)
+
+
+def rule_window(config, rule) -> int:
+  """Steps between `rule`'s decisions (`config.controller`)."""
+  cc = config.controller
+  return cc.mv_window if isinstance(rule, ctl.MVRule) else cc.window
+
+
 def serve_phases(model, config, budget: DeviceBudget, phases, split: Split,
                  rule=None) -> dict[str, Any]:
   """Serves the phases back to back; returns records, results, history."""
-  e = config.engine
-  engine = Engine(model, budget, split.slots_per_layer, split.kv_blocks,
-                  e.block_size, e.max_batch, policy=e.policy,
-                  min_prefill_bucket=e.min_prefill_bucket,
-                  num_slots=ctl.max_slots_per_layer(budget, uniform=False))
-  cc = config.controller
-  window = cc.mv_window if isinstance(rule, ctl.MVRule) else cc.window
-  control = (ctl.Controller(engine, rule, window, cc.barrier) if rule
-             else None)
+  engine = make_engine(model, config, budget, split)
+  control = (ctl.Controller(engine, rule, rule_window(config, rule),
+                            config.controller.barrier) if rule else None)
   records, results, bounds = [], [], []
   for phase in phases:
     first = len(records)

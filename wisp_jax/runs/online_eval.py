@@ -57,7 +57,6 @@ from wisp_jax.runs import serve
 from wisp_jax.serving import controller as ctl
 from wisp_jax.serving import request_stream
 from wisp_jax.serving.budget import DeviceBudget, Split
-from wisp_jax.serving.engine import Engine
 from wisp_jax.sim.hardware import HardwareProfile, get_profile
 
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
@@ -230,14 +229,10 @@ def serve_open_loop(model, config, budget: DeviceBudget, stream,
   if decision not in DECISIONS:
     raise ValueError(f"decision must be one of {DECISIONS}, got "
                      f"{decision!r}.")
-  e, cc = config.engine, config.controller
+  cc = config.controller
   clock = Clock()
-  engine = Engine(model, budget, split.slots_per_layer, split.kv_blocks,
-                  e.block_size, e.max_batch, policy=e.policy,
-                  min_prefill_bucket=e.min_prefill_bucket,
-                  num_slots=ctl.max_slots_per_layer(budget, uniform=False),
-                  clock=clock)
-  window = cc.mv_window if isinstance(rule, ctl.MVRule) else cc.window
+  engine = online.make_engine(model, config, budget, split, clock=clock)
+  window = online.rule_window(config, rule)
   if schedule is not None:
     control = ScheduledSwitches(engine, schedule, cc.barrier, clock)
   elif rule is None:
@@ -288,16 +283,15 @@ def serve_open_loop(model, config, budget: DeviceBudget, stream,
     tokens[phase_of[result.request_id]] += len(result.tokens)
     latency.append(result.finish_time - arrival_of[result.request_id])
   history = control.history[1:] if control else []
-  if isinstance(control, BehindController):
-    off_path = control.decision_s
-  else:
-    off_path = 0.0
-  return {"decision_off_path_s": off_path,"tokens": int(tokens.sum()), "phase_tokens": tokens.tolist(),
+  off_path = (control.decision_s if isinstance(control, BehindController)
+              else 0.0)
+  return {"tokens": int(tokens.sum()), "phase_tokens": tokens.tolist(),
           "makespan_s": clock.now, "steps": steps,
           "tokens_per_s": float(tokens.sum()) / clock.now,
           "mean_latency_s": float(np.mean(latency)),
           "resizes": len(history), "decision_s": decision_s,
-          "resize_s": resize_s, "preemptions": engine.num_preemptions,
+          "resize_s": resize_s, "decision_off_path_s": off_path,
+          "preemptions": engine.num_preemptions,
           "splits": [(list(h["slots_per_layer"]), h["kv_blocks"])
                      for h in history]}
 
