@@ -180,19 +180,28 @@ class PassCounts:
     references: `[L]` experts needed, summed over passes.
     misses: `[L, E + 1]` misses at capacity c (index c).
     loads: `[L, E + 1]` copies at capacity c (misses + overflow reloads).
+    expert_misses: `[L, E, E + 1]` misses of each expert at capacity c
+      (summing over experts gives `misses`), or None when not asked for.
   """
   passes: int
   references: np.ndarray
   misses: np.ndarray
   loads: np.ndarray
+  expert_misses: np.ndarray | None = None
 
 
 def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
-                    measured: np.ndarray, num_kinds: int = 2
-                    ) -> list[PassCounts]:
-  """Mattson's pass over `masks` `[P, L, E]`, counts per kind of pass."""
+                    measured: np.ndarray, num_kinds: int = 2,
+                    per_expert: bool = False) -> list[PassCounts]:
+  """Mattson's pass over `masks` `[P, L, E]`, counts per kind of pass
+  (with `per_expert`, also each expert's misses at every capacity)."""
   num_passes, num_layers, num_experts = masks.shape
   width = num_experts + 1
+  # Expert e of layer l at stack position p: ((l E + e) width + p).
+  cell = (np.arange(num_layers * num_experts) * width).reshape(
+      num_layers, num_experts)
+  ehist = (np.zeros((num_kinds, num_layers * num_experts * width))
+           if per_expert else None)
   tie = num_experts - 1 - np.arange(num_experts)
   last = np.full((num_layers, num_experts), -1, np.int64)
   flat = np.arange(num_layers)[:, None] * width
@@ -210,6 +219,9 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
       np.put_along_axis(position, np.argsort(-key, axis=1), ranks, axis=1)
       hist[kind] += np.bincount((flat + position)[need],
                                 minlength=num_layers * width)
+      if per_expert:
+        ehist[kind] += np.bincount((cell + position)[need],
+                                   minlength=ehist.shape[1])
       size = need.sum(axis=1)
       refs[kind] += size
       # Overflow: the c lowest-id needed experts all resident -> reloads.
@@ -228,10 +240,32 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
     hits = np.concatenate([np.zeros((num_layers, 1)),
                            np.cumsum(h[:, :-1], axis=1)], axis=1)
     misses = refs[kind][:, None] - hits
+    by_expert = None
+    if per_expert:
+      eh = ehist[kind].reshape(num_layers, num_experts, width)
+      # A reference at position p hits at every capacity above p.
+      by_expert = eh.sum(axis=2, keepdims=True) - np.concatenate(
+          [np.zeros((num_layers, num_experts, 1)),
+           np.cumsum(eh[..., :-1], axis=2)], axis=2)
     out.append(PassCounts(passes=int(count[kind]), references=refs[kind],
                           misses=misses, loads=misses + extra[kind].reshape(
-                              num_layers, width)))
+                              num_layers, width), expert_misses=by_expert))
   return out
+
+
+def level_stream(routing: RequestRouting, prompt_lens, output_lens,
+                 level: int, steps: int | None = None,
+                 warmup: int | None = None, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`engine_stream` of one level as `engine_curves` measures it: `steps`
+  decode steps (default 6 mean lifetimes, at least 400) after `warmup`
+  (default one mean lifetime, at least 32), lanes seeded by the level."""
+  o = np.asarray(output_lens, np.int64)
+  life = float(np.maximum(o - 1, 1).mean())
+  steps = int(steps or max(400, 6 * life))
+  warmup = int(warmup if warmup is not None else max(32, life))
+  return engine_stream(routing, prompt_lens, output_lens, int(level), steps,
+                       warmup, seed + 1000 * int(level))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,16 +304,11 @@ def engine_curves(routing: RequestRouting, prompt_lens, output_lens,
     warmup: steps not measured (default one mean lifetime, at least 32).
     seed: lane schedules.
   """
-  o = np.asarray(output_lens, np.int64)
-  life = float(np.maximum(o - 1, 1).mean())
-  steps = int(steps or max(400, 6 * life))
-  warmup = int(warmup if warmup is not None else max(32, life))
   fields = {k: [] for k in ("misses", "loads", "references", "pm", "pl",
                             "pr", "em", "el", "rate")}
   for n in levels:
-    masks, kinds, measured = engine_stream(routing, prompt_lens, output_lens,
-                                           int(n), steps, warmup,
-                                           seed + 1000 * int(n))
+    masks, kinds, measured = level_stream(routing, prompt_lens, output_lens,
+                                          n, steps, warmup, seed)
     decode, prefill = lru_pass_counts(masks, kinds, measured)
     alone = lru_pass_counts(masks[kinds == DECODE_PASS],
                             kinds[kinds == DECODE_PASS],
