@@ -111,6 +111,21 @@ class Budget:
 
   def validate(self, workload: Workload, split: Split) -> None:
     """Raises BudgetError when `split` does not fit or cannot serve."""
+    w = workload
+    self.check_serves(w, split)
+    used = split.total_slots * w.expert_bytes + split.kv_blocks * w.block_bytes
+    if used > self.pageable_bytes(w):
+      raise BudgetError(
+          f"split needs {used} bytes (slots {split.total_slots} x "
+          f"{w.expert_bytes} + KV {split.kv_blocks} x {w.block_bytes}) but "
+          f"only {self.pageable_bytes(w)} are pageable (total "
+          f"{self.total_bytes} - dense {w.dense_bytes} - workspace "
+          f"{self.workspace_bytes}).")
+
+  @staticmethod
+  def check_serves(workload: Workload, split: Split) -> None:
+    """Raises BudgetError when `split` has the wrong layers, slots outside
+    [top_k, E] or a pool below the KV floor (bytes are not checked)."""
     w, m = workload, workload.model
     slots = np.asarray(split.slots_per_layer)
     if slots.shape != (m.num_layers,):
@@ -124,14 +139,6 @@ class Budget:
       raise BudgetError(f"kv_blocks={split.kv_blocks} is below the floor "
                         f"{w.floor_blocks} ({w.min_concurrency} x "
                         f"{w.max_len} tokens at block_size {w.block_size}).")
-    used = split.total_slots * w.expert_bytes + split.kv_blocks * w.block_bytes
-    if used > self.pageable_bytes(w):
-      raise BudgetError(
-          f"split needs {used} bytes (slots {split.total_slots} x "
-          f"{w.expert_bytes} + KV {split.kv_blocks} x {w.block_bytes}) but "
-          f"only {self.pageable_bytes(w)} are pageable (total "
-          f"{self.total_bytes} - dense {w.dense_bytes} - workspace "
-          f"{self.workspace_bytes}).")
 
 
 @dataclasses.dataclass(frozen=True)

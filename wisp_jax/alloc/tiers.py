@@ -67,7 +67,6 @@ from wisp_jax.alloc import steady
 from wisp_jax.alloc import throughput
 from wisp_jax.alloc.split import BudgetError, Split
 from wisp_jax.alloc.workload import Workload
-from wisp_jax.paging.pager import check_capacity
 
 _MAX_TRADES = 256
 _TRADE_WIDTH = 4  # options a trade moves along a layer's front
@@ -217,7 +216,8 @@ def split_bytes(workload: Workload, spec: TierSpec,
 def validate(workload: Workload, budget: throughput.Budget, spec: TierSpec,
              split: Split, tier_per_layer: Sequence[int]) -> None:
   """Raises BudgetError when a three-way split does not fit or cannot
-  serve (the two-way checks, then tier sizes and the bytes of all three)."""
+  serve: tier sizes, the two-way checks but bytes, and the bytes of all
+  three pools."""
   w, m = workload, workload.model
   tiers = np.asarray(tier_per_layer)
   if tiers.shape != (m.num_layers,):
@@ -226,17 +226,7 @@ def validate(workload: Workload, budget: throughput.Budget, spec: TierSpec,
   if tiers.min() < 0 or tiers.max() > m.num_experts:
     raise BudgetError(f"tier sizes must lie in [0, E={m.num_experts}], got "
                       f"{tiers.tolist()}.")
-  slots = np.asarray(split.slots_per_layer)
-  if slots.shape != (m.num_layers,):
-    raise BudgetError(f"split has slots for {slots.size} layers; {m.name} "
-                      f"has {m.num_layers}.")
-  check_capacity(slots, m.num_layers, m.top_k, m.num_experts,
-                 low_why=f"top_k={m.top_k}", low_label=f"top_k={m.top_k}",
-                 high_label=f"E={m.num_experts}",
-                 high_why=f"its {m.num_experts} experts", error=BudgetError)
-  if split.kv_blocks < w.floor_blocks:
-    raise BudgetError(f"kv_blocks={split.kv_blocks} is below the floor "
-                      f"{w.floor_blocks} blocks.")
+  budget.check_serves(w, split)
   parts = split_bytes(w, spec, split.slots_per_layer, tiers, split.kv_blocks)
   used, pageable = sum(parts.values()), budget.pageable_bytes(w)
   if used > pageable:

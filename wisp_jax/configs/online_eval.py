@@ -6,6 +6,13 @@ Full run (the `tiny` preset with random weights, float32, on CPU; about
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py --workdir=workdirs/online_eval
 
+The `default` preset instead of `tiny`, with budgets and phases where the
+split matters (`:default`; see `_default_model`):
+
+  .venv/bin/python experiments/online_eval.py \
+      --config=configs/online_eval.py:default \
+      --workdir=workdirs/online_eval_default
+
 Quick run (two scenarios, two seeds, one controller; about a minute):
 
   .venv/bin/python experiments/online_eval.py \
@@ -37,9 +44,32 @@ def _phase(name, num_requests, prompt, output, rate):
       "rate": rate})
 
 
+DEFAULT = "default"
+
+
+def _default_model(config: ml_collections.ConfigDict) -> None:
+  """The `default` preset (L=4, E=8, K=2, random weights, float32), where
+  an expert copy (288 KiB) costs about a tenth of a step's overhead and the
+  split matters: 10.2 MiB leave uniform caps 4, 6, 8 with 182, 110, 38 KV
+  blocks of 32 KiB. Phases are longer and the long phase arrives faster
+  (0.4), so KV binds there at 8 slots while chat wants every expert
+  resident; fixed splits, in turn, lose in one phase or the other."""
+  config.model = "default"
+  config.budget.pageable_mib = 10.2
+  config.fixed_slots = (4, 6, 8)
+  config.controller.initial_slots = 6
+  config.controller.kv_granule = 36  # one slot in each of the 4 layers
+  sizes = {"long": 48, "chat": 96, "doc": 48, "burst": 128, "mid1": 32,
+           "mid2": 64}
+  for name, phase in config.phase_types.items():
+    phase.num_requests = sizes[name]
+  config.phase_types.long.rate = 0.4
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Out-of-sample controller evaluation; `arg` is '' or 'tiny'."""
-  arg = configs.check_arg("online_eval", arg)
+  """Out-of-sample controller evaluation; `arg` is '', 'tiny' or
+  'default'."""
+  arg = configs.check_arg("online_eval", arg, (DEFAULT,))
   # The frozen settings: the online experiment's tiny configuration.
   config = online.get_config("tiny")
   del config.phases
@@ -89,6 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sensitivity_h2d_scales = "0.5,2.0"
   config.sensitivity_scenarios = "chat_long,drift"
   config.sensitivity_seeds = "11,12"
+  if arg == DEFAULT:
+    _default_model(config)
   if arg == configs.TINY:
     config.evaluate = "chat_long,chat_only"
     config.tuning_seeds = "0"

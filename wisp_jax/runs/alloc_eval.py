@@ -142,27 +142,14 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path) -> None:
-  import matplotlib  # Loaded only to plot.
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  groups = list(dict.fromkeys(f"{r['model']}\n{r['hardware']}" for r in rows))
-  fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups)), 3.6))
-  rng = np.random.default_rng(0)
-  for i, g in enumerate(groups):
-    ratios = [r["ratio"] for r in rows
-              if f"{r['model']}\n{r['hardware']}" == g]
-    ax.plot(i + rng.uniform(-0.2, 0.2, len(ratios)), ratios, ".", ms=4,
-            color="C0", label="one cell" if i == 0 else None)
+  groups: dict[str, list[float]] = {}
+  for r in rows:
+    groups.setdefault(f"{r['model']}\n{r['hardware']}", []).append(
+        r["ratio"])
   low = min(0.95, min(r["ratio"] for r in rows) - 0.01)
-  ax.axhline(0.97, color="C3", ls="--", lw=1, label="3% below the oracle")
-  ax.axhline(1.0, color="0.5", lw=1, label="oracle")
-  ax.set(ylim=(low, 1.005), ylabel="MV-WSA / oracle tokens/s")
-  ax.set_xticks(range(len(groups)), groups, fontsize=8)
-  ax.set_title("MV-WSA alone (no search) vs the exact oracle, held-out "
-               "seeds, shapes and profiles", fontsize=9)
-  ax.legend(fontsize=7, loc="lower right")
-  ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reports.strip_plot(
+      groups, path, ylabel="MV-WSA / oracle tokens/s", ylim=(low, 1.005),
+      title="MV-WSA alone (no search) vs the exact oracle, held-out seeds, "
+      "shapes and profiles",
+      lines=[(0.97, "C3", "--", "3% below the oracle"),
+             (1.0, "0.5", "-", "oracle")])

@@ -114,3 +114,33 @@ def _cell(value: Any) -> str:
   if isinstance(value, float):
     return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.1f}"
   return str(value)
+
+
+def strip_plot(groups: dict[str, Sequence[float]], path, *, ylabel: str,
+               title: str, lines: Sequence[tuple[float, str, str, str]] = (),
+               ylim: tuple[float, float] | None = None) -> None:
+  """One column of jittered points per group (a cell each), with
+  horizontal reference `lines` (value, color, line style, label), saved to
+  `path`."""
+  import matplotlib  # Loaded only to plot.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups)), 3.6))
+  rng = np.random.default_rng(0)
+  for i, values in enumerate(groups.values()):
+    ax.plot(i + rng.uniform(-0.2, 0.2, len(values)), list(values), ".",
+            ms=4, color="C0", label="one cell" if i == 0 else None)
+  for value, color, style, label in lines:
+    ax.axhline(value, color=color, ls=style, lw=1, label=label)
+  ax.set(ylabel=ylabel)
+  if ylim:
+    ax.set(ylim=ylim)
+  ax.set_xticks(range(len(groups)), list(groups), fontsize=7)
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7, loc="lower right")
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -152,26 +152,10 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path) -> None:
-  import matplotlib  # Loaded only to plot.
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  groups = list(dict.fromkeys(
-      f"{r['model']}\n{r['decoder']}, {r['host']} host" for r in rows))
-  fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(groups)), 3.6))
-  rng = np.random.default_rng(0)
-  for i, g in enumerate(groups):
-    gains = [r["gain"] for r in rows
-             if f"{r['model']}\n{r['decoder']}, {r['host']} host" == g]
-    ax.plot(i + rng.uniform(-0.2, 0.2, len(gains)), gains, ".", ms=4,
-            color="C0", label="one cell" if i == 0 else None)
-  ax.axhline(1.0, color="0.5", lw=1, label="two-way split")
-  ax.set(ylabel="three-way / two-way tokens/s")
-  ax.set_xticks(range(len(groups)), groups, fontsize=7)
-  ax.set_title("A compressed device tier at equal budget (model)",
-               fontsize=9)
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  groups: dict[str, list[float]] = {}
+  for r in rows:
+    groups.setdefault(f"{r['model']}\n{r['decoder']}, {r['host']} host",
+                      []).append(r["gain"])
+  reports.strip_plot(groups, path, ylabel="three-way / two-way tokens/s",
+                     title="A compressed device tier at equal budget (model)",
+                     lines=[(1.0, "0.5", "-", "two-way split")])
