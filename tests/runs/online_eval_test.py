@@ -134,3 +134,22 @@ def test_unknown_decision_mode():
   with pytest.raises(ValueError, match="decision must be one of"):
     online_eval.serve_open_loop(None, configs.get("online_eval", "tiny"),
                                 None, [], None, None, None, 1, "later")
+
+
+def test_default_preset_budget_gives_the_documented_splits():
+  """`:default` leaves caps 4, 6, 8 with 182, 110, 38 KV blocks; at 8 the
+  pool holds fewer than 3 of the longest `long` requests, at 6 seven of
+  them (the max batch is 8)."""
+  from wisp_jax.runs import online, serve  # pylint: disable=g-import-not-at-top
+  config = configs.get("online_eval", "default")
+  model, _ = serve.load_model(config)
+  budget = online.make_budget(config, model)
+  blocks = {s: budget.max_kv_blocks(s) for s in config.fixed_slots}
+  assert blocks == {4: 182, 6: 110, 8: 38}
+  long = config.phase_types.long
+  longest = math.ceil((long.prompt_len_max + long.max_new_tokens_max)
+                      / config.engine.block_size)
+  assert blocks[8] < 3 * longest
+  assert blocks[6] >= 7 * longest
+  assert config.controller.kv_granule * budget.footprint.block_bytes == (
+      model.config.num_layers * budget.footprint.expert_bytes)
