@@ -352,7 +352,7 @@ def _for_batch(workload: Workload, spec: TierSpec, pageable: int, n: int,
   """The equimarginal three-way split at max batch n: for each pool size
   where the KV model's value per block changes (its grid, and every block
   the budget affords), the rest bought as layer segments steepest first;
-  the pool size whose split has the least J, then one-segment trades."""
+  the pool size whose split has the least J, then trades (`_trade`)."""
   w, m = workload, workload.model
   bb = w.block_bytes
   room = pageable - m.num_layers * m.top_k * w.expert_bytes
