@@ -153,3 +153,28 @@ def test_default_preset_budget_gives_the_documented_splits():
   assert blocks[6] >= 7 * longest
   assert config.controller.kv_granule * budget.footprint.block_bytes == (
       model.config.num_layers * budget.footprint.expert_bytes)
+
+
+def test_free_decisions_cost_the_clock_nothing():
+  """The counterfactual "free" decides as inline does and adds no time."""
+  from wisp_jax.runs import online, serve  # pylint: disable=g-import-not-at-top
+  from wisp_jax.serving.budget import Split  # pylint: disable=g-import-not-at-top
+  config = _small_config()
+  model, _ = serve.load_model(config)
+  budget = online.make_budget(config, model)
+  hardware = get_profile(config.hardware)
+  phases = online_eval.scenario_phases(config, "chat,burst")
+  stream = online_eval.make_stream(phases, model.config.vocab_size,
+                                   online_eval.phase_seeds(11, 2),
+                                   config.arrival_step_s)
+  start = Split.make(2, budget.max_kv_blocks(2), model.config.num_layers)
+  out = {}
+  for decision in ("inline", "free"):
+    rule = online.make_rule("step_curve", config, model, budget, hardware)
+    out[decision] = online_eval.serve_open_loop(
+        model, config, budget, stream, start, rule, hardware, 2, decision)
+  inline, free = out["inline"], out["free"]
+  assert free["decision_s"] == 0 and free["decision_off_path_s"] == 0
+  assert inline["decision_s"] > 0
+  assert free["tokens"] == inline["tokens"]
+  assert inline["splits"] and free["splits"][0] == inline["splits"][0]

@@ -111,7 +111,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = "11,12,13,14,15,16,17,18"  # never used in tuning
   # How a decision's compute is priced: "inline" (serving waits for it) or
   # "behind" (off the critical path; applied once its compute time has
-  # passed on the modelled clock). Comma-separated: each is a controller
+  # passed on the modelled clock); "free" (at once, at no cost) is the
+  # counterfactual of a decision that takes no time, to value a rule's
+  # choices apart from its compute. Comma-separated: each is a controller
   # configuration.
   config.decisions = "inline,behind"
   # Cost sensitivity: whole reruns of `sensitivity_scenarios` on

@@ -208,7 +208,10 @@ class ScheduledSwitches(ctl.Controller):
       self.apply(chosen)
 
 
-DECISIONS = ("inline", "behind")
+# "free" is a counterfactual, not a way to serve: decisions applied at
+# once and priced at zero, to tell what a rule's choices are worth apart
+# from what its compute costs.
+DECISIONS = ("inline", "behind", "free")
 
 
 def serve_open_loop(model, config, budget: DeviceBudget, stream,
@@ -219,8 +222,9 @@ def serve_open_loop(model, config, budget: DeviceBudget, stream,
 
   `decision`: "inline" stops serving while the controller decides (its
   measured CPU seconds are added to the clock); "behind" runs it off the
-  critical path (`BehindController`). `schedule`: (second, split) pairs
-  for `ScheduledSwitches` (then `rule` is None).
+  critical path (`BehindController`); "free" decides inline at no cost
+  (the counterfactual of a decision that takes no time). `schedule`:
+  (second, split) pairs for `ScheduledSwitches` (then `rule` is None).
 
   Returns:
     tokens, makespan, mean latency (arrival to finish), per-phase tokens,
@@ -237,7 +241,7 @@ def serve_open_loop(model, config, budget: DeviceBudget, stream,
     control = ScheduledSwitches(engine, schedule, cc.barrier, clock)
   elif rule is None:
     control = None
-  elif decision == "inline":
+  elif decision in ("inline", "free"):
     control = ctl.Controller(engine, rule, window, cc.barrier)
   else:
     control = BehindController(engine, rule, window, cc.barrier, clock)
@@ -269,6 +273,8 @@ def serve_open_loop(model, config, budget: DeviceBudget, stream,
         spent -= entry["seconds"]  # the engine's CPU work, priced above
       if decision == "behind":
         spent = 0.0  # off the critical path (counted by the controller)
+      elif decision == "free":
+        spent = 0.0  # the counterfactual: deciding costs nothing
       decision_s += max(spent, 0.0)
       resize_s += added
       clock.now += max(spent, 0.0) + added
