@@ -197,11 +197,11 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
   (with `per_expert`, also each expert's misses at every capacity)."""
   num_passes, num_layers, num_experts = masks.shape
   width = num_experts + 1
-  # Expert e of layer l at stack position p: ((l E + e) width + p).
-  cell = (np.arange(num_layers * num_experts) * width).reshape(
-      num_layers, num_experts)
-  ehist = (np.zeros((num_kinds, num_layers * num_experts * width))
-           if per_expert else None)
+  if per_expert:
+    # Expert e of layer l at stack position p: ((l E + e) width + p).
+    cell = (np.arange(num_layers * num_experts) * width).reshape(
+        num_layers, num_experts)
+    ehist = np.zeros((num_kinds, num_layers * num_experts * width))
   tie = num_experts - 1 - np.arange(num_experts)
   last = np.full((num_layers, num_experts), -1, np.int64)
   flat = np.arange(num_layers)[:, None] * width

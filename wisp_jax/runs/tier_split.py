@@ -56,8 +56,15 @@ def _specs(config) -> dict[tuple[str, str], tiers.TierSpec]:
 def _score(workload, budget, specs) -> dict[str, Any]:
   plain = solver.solve(workload, budget, method="marginal")
   out = {"two_way_solver_tokens_per_s": plain.tokens_per_s, "cells": {}}
+  # Without a tier only a host copy's price matters (a raw host bank's is
+  # the same for every decoder): one two-way split per price.
+  two_way = {}
   for (decoder, host), spec in specs.items():
-    two = tiers.equimarginal(workload, budget, spec, allow_tier=False)
+    price = spec.factors(workload)[0]
+    if price not in two_way:
+      two_way[price] = tiers.equimarginal(workload, budget, spec,
+                                          allow_tier=False)
+    two = two_way[price]
     three = tiers.equimarginal(workload, budget, spec)
     out["cells"][f"{decoder}/{host}"] = {
         "decoder": decoder, "host": host,
