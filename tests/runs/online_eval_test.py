@@ -156,7 +156,8 @@ def test_default_preset_budget_gives_the_documented_splits():
 
 
 def test_free_decisions_cost_the_clock_nothing():
-  """The counterfactual "free" decides as inline does and adds no time."""
+  """The counterfactual "free" decides as inline does and adds no time;
+  nor does the switching oracle's schedule."""
   from wisp_jax.runs import online, serve  # pylint: disable=g-import-not-at-top
   from wisp_jax.serving.budget import Split  # pylint: disable=g-import-not-at-top
   config = _small_config()
@@ -178,3 +179,12 @@ def test_free_decisions_cost_the_clock_nothing():
   assert inline["decision_s"] > 0
   assert free["tokens"] == inline["tokens"]
   assert inline["splits"] and free["splits"][0] == inline["splits"][0]
+  # The switching oracle knows its schedule: it pays its resizes (drain
+  # and rebuild), never a decision.
+  second = next(at for _, at, phase in stream if phase == 1)
+  other = Split.make(*inline["splits"][0], model.config.num_layers)
+  oracle = online_eval.serve_open_loop(
+      model, config, budget, stream, start, None, hardware, 2,
+      schedule=[(second, other)])
+  assert oracle["resizes"] == 1 and oracle["resize_s"] > 0
+  assert oracle["decision_s"] == 0

@@ -191,14 +191,15 @@ TOY = {"name": "toy", "h2d_bytes_per_s": 5760 / 1e-3, "hbm_bytes_per_s": 1e10,
        "bf16_flops": 1e12, "memory_bytes": 2**30, "step_overhead_s": 2e-3}
 
 
-def test_mv_rule_follows_locality_and_waiting_requests(tiny_model):
+@pytest.mark.parametrize("kv_model", ["fluid", "simulate"])
+def test_mv_rule_follows_locality_and_waiting_requests(tiny_model, kv_model):
   config = tiny_model.config
   # Room for 6 slots per layer next to the 16-block floor.
   budget = _footprint_budget(6 * 2 * 5760 + 16 * 2560)
   masks = _local_routing(32)
 
   def decide(split, waiting, lengths):
-    rule = ctl.MVRule(budget, config, TOY, max_batch=8)
+    rule = ctl.MVRule(budget, config, TOY, max_batch=8, kv_model=kv_model)
     chosen = rule.decide(split, _window(split, 2, waiting, masks,
                                         lengths))
     used = budget.usage(chosen)["used_bytes"]

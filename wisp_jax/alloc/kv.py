@@ -24,6 +24,8 @@ returns per-step rates (`KVStats`). `unconstrained` gives the same rates
 in closed form where b >= n x the longest request's blocks: then the
 pool never binds, every step decodes n rows and each request holds its
 lane for max(o - 1, 0) steps (renewal reward over the length samples).
+`fluid` approximates the binding pool in closed form (the lanes a pool
+holds next to the head's admission need), for online re-solves.
 
 Step 2 equals the engine's sequential loop: with needers processed in
 admission order and victims taken from the newest end, the requests that
@@ -117,10 +119,15 @@ def unconstrained(prompt_lens, output_lens, block_size: int,
   # Decode i = 1..d reads p + i positions; after it the request holds
   # ceil((p + i) / BS) blocks, except after its last decode (freed).
   context = (d * p + d * (d + 1) / 2).mean()
-  held = np.zeros(p.size)
-  for r in range(p.size):
-    i = np.arange(1, int(d[r]))
-    held[r] = np.sum(-(-(p[r] + i) // block_size))
+  # Summed over i = 1..d - 1: ceil((p + i) / BS) = S(p + d - 1) - S(p),
+  # S(x) = sum_{j <= x} ceil(j / BS) = BS q (q + 1) / 2 + r (q + 1) for
+  # x = q BS + r.
+  def blocks_to(x):
+    q, r = np.divmod(x, block_size)
+    return block_size * q * (q + 1) // 2 + r * (q + 1)
+
+  last = p + np.maximum(d.astype(np.int64) - 1, 0)
+  held = (blocks_to(last) - blocks_to(p)).astype(np.float64)
   cost = (0.0 if prefill_cost is None else
           float(np.asarray(prefill_cost)[p].mean()))
   rate = n / steps  # requests started per step
@@ -133,6 +140,40 @@ def unconstrained(prompt_lens, output_lens, block_size: int,
       blocks_in_use=rate * held.mean(), context=np.full_like(n, context /
                                                              steps),
       tokens=rate * o.mean())
+
+
+def fluid(prompt_lens, output_lens, block_size: int, max_batch, kv_blocks,
+          prefill_cost: np.ndarray | None = None) -> KVStats:
+  """Rates of (max_batch[k], kv_blocks[k]) in a fluid approximation.
+
+  A running request holds h blocks on average (`unconstrained`'s blocks in
+  use per lane) and the request at the head of the queue gathers a blocks
+  (its mean admission need: its context and first decode token) before
+  it is admitted, so a pool of b blocks runs m = clip((b - a) / h, 1, n)
+  lanes, and every rate of `unconstrained` scales by m / n. No
+  preemption: a closed-form stand-in for `simulate`, cheap enough to
+  re-solve a split online (`simulate` has the error where the pool binds:
+  tests/alloc/kv_test.py). Equal to `unconstrained` where b >= a + n h.
+  """
+  p, o = _check_lengths(prompt_lens, output_lens)
+  n, b = np.broadcast_arrays(np.atleast_1d(np.asarray(max_batch, np.int64)),
+                             np.atleast_1d(np.asarray(kv_blocks,
+                                                      np.float64)))
+  if n.min() < 1:
+    raise ValueError(f"max batches must be >= 1, got {n.min()}.")
+  free = unconstrained(p, o, block_size, n, prefill_cost)
+  per_lane = free.blocks_in_use / n
+  admit = float(np.mean(-(-np.minimum(p + 1, p + o - 1) // block_size)))
+  lanes = np.clip((b - admit) / np.maximum(per_lane, 1e-12), 1.0, n)
+  scale = lanes / n
+  return KVStats(
+      max_batch=n.copy(), kv_blocks=b.copy(), batch=lanes,
+      decodes=free.decodes, new_prefills=free.new_prefills * scale,
+      recompute_prefills=free.recompute_prefills,
+      prefill_tokens=free.prefill_tokens * scale,
+      prefill_seconds=free.prefill_seconds * scale,
+      preemptions=free.preemptions, blocks_in_use=lanes * per_lane,
+      context=free.context, tokens=free.tokens * scale)
 
 
 def simulate(prompt_lens, output_lens, block_size: int, population: int,

@@ -14,7 +14,9 @@ split). Per engine step, in steady state:
             prefill passes q (new and recomputed), preemptions, blocks in
             use, mean decode context and output tokens T per step.
             Closed form where n requests of the longest length fit; a
-            grid of b in between, interpolated linearly (`KV_GRID`).
+            grid of b in between, interpolated linearly (`KV_GRID`),
+            replayed or, with `Workload.kv_model="fluid"`, in closed form
+            (`alloc.kv.fluid`).
   experts   per layer l at capacity c_l, at batch m (curves at every
             integer level, interpolated in m):
               decode loads   D_l(c_l)                       per decode pass
@@ -37,7 +39,7 @@ is the best n: `per_token_seconds` minimises J over n = 1..C.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import weakref
 from typing import Sequence
 
@@ -212,37 +214,65 @@ def _level_curves(w: Workload) -> tuple[dict, bool]:
 
 def _step_cost(w: Workload, batch: int, context: float, phase: str,
                needed: float) -> float:
-  m = w.model
+  return _pass_cost(w.model, w.hardware, w.bytes_per_param, w.kv_width,
+                    batch, context, phase, needed)
+
+
+def _pass_cost(model, hardware, bytes_per_param: int, kv_width: int,
+               batch: int, context: float, phase: str, needed: float
+               ) -> float:
+  return _cached_step_cost(
+      model, hardware, int(batch), max(int(round(context)), 1), phase,
+      int(min(round(needed), model.num_layers * model.num_experts)),
+      bytes_per_param, kv_width)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_step_cost(model, hardware, batch: int, context: int, phase: str,
+                      needed: int, bytes_per_param: int, kv_width: int
+                      ) -> float:
+  """`sim.cost.step_cost` without transfers (memoised: workloads built
+  online ask for the same passes again)."""
   return cost.step_cost(
-      m, w.hardware, batch=int(batch), context_len=max(int(round(context)),
-                                                       1),
-      mode="paged", phase=phase, misses=0, needed_experts=int(min(
-          round(needed), m.num_layers * m.num_experts)),
-      bytes_per_param=w.bytes_per_param,
-      kv_bytes_per_value=w.kv_width).total_s
+      model, hardware, batch=batch, context_len=context, mode="paged",
+      phase=phase, misses=0, needed_experts=needed,
+      bytes_per_param=bytes_per_param, kv_bytes_per_value=kv_width).total_s
 
 
 def prefill_costs(w: Workload) -> np.ndarray:
-  """`[max_len + 1]` seconds of one prefill pass by context length."""
-  m = w.model
-  lengths = np.arange(int((w.prompt_lens + w.output_lens).max()) + 1)
+  """`[max_len + 1]` seconds of one prefill pass by context length (do
+  not modify the array: it is shared by workloads of the same model,
+  hardware, widths and longest request)."""
+  return _prefill_costs(w.model, w.hardware, w.bytes_per_param, w.kv_width,
+                        int((w.prompt_lens + w.output_lens).max()))
+
+
+@functools.lru_cache(maxsize=256)
+def _prefill_costs(model, hardware, bytes_per_param: int, kv_width: int,
+                   longest: int) -> np.ndarray:
+  m = model
+  lengths = np.arange(longest + 1)
   unions = m.num_layers * union_size(m.num_experts, m.top_k, lengths)
-  return np.array([_step_cost(w, 1, max(n, 1), "prefill", u)
-                   for n, u in zip(lengths, unions)])
+  out = np.array([_pass_cost(m, hardware, bytes_per_param, kv_width, 1,
+                             max(n, 1), "prefill", u)
+                  for n, u in zip(lengths, unions)])
+  out.setflags(write=False)
+  return out
 
 
 def _decode_base(w: Workload, curves: dict, batch: np.ndarray,
                  context: np.ndarray) -> np.ndarray:
   """Decode seconds without transfers at a (fractional) mean batch."""
-  out = []
   refs = curves["decode_refs"].sum(axis=1)  # [C]
-  for b, ctx in zip(np.atleast_1d(batch), np.atleast_1d(context)):
-    lo = int(np.clip(math.floor(b), 1, refs.size))
-    hi = min(lo + 1, refs.size)
-    frac = float(np.clip(b - lo, 0.0, 1.0)) if hi > lo else 0.0
-    out.append((1 - frac) * _step_cost(w, lo, ctx, "decode", refs[lo - 1])
-               + frac * _step_cost(w, hi, ctx, "decode", refs[hi - 1]))
-  return np.array(out)
+  b = np.atleast_1d(np.asarray(batch, np.float64))
+  lo = np.clip(np.floor(b), 1, refs.size).astype(np.int64)
+  hi = np.minimum(lo + 1, refs.size)
+  frac = np.where(hi > lo, np.clip(b - lo, 0.0, 1.0), 0.0)
+  return np.array([
+      (1 - f) * _step_cost(w, low, ctx, "decode", refs[low - 1])
+      + f * _step_cost(w, high, ctx, "decode", refs[high - 1])
+      for low, high, f, ctx in zip(lo.tolist(), hi.tolist(), frac.tolist(),
+                                   np.atleast_1d(context).tolist())])
 
 
 def _stat_matrix(w: Workload, curves: dict, stats: kv_model.KVStats
@@ -276,7 +306,10 @@ def tables(workload: Workload) -> Tables:
     sim_n += [n] * grid.size
     sim_b += grid.tolist()
   sim = None
-  if sim_n:
+  if sim_n and w.kv_model == "fluid":
+    sim = _stat_matrix(w, curves, kv_model.fluid(
+        w.prompt_lens, w.output_lens, bs, sim_n, sim_b, prefill_cost=pcost))
+  elif sim_n:
     sim = _stat_matrix(w, curves, kv_model.simulate(
         w.prompt_lens, w.output_lens, bs, c, sim_n, sim_b, seed=0,
         prefill_cost=pcost))

@@ -37,6 +37,7 @@ from wisp_jax.sim import cost
 from wisp_jax.sim.hardware import HardwareProfile, get_profile
 
 DEMAND_Z = 2.0  # demand = mean + DEMAND_Z std of the blocks C requests hold
+KV_MODELS = ("simulate", "fluid")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,6 +57,10 @@ class Workload:
     block_size: token positions per KV block.
     min_concurrency: longest requests that must always fit (KV floor).
     name: for reports.
+    kv_model: how the throughput model gets the scheduler's rates where
+      the pool binds: "simulate" replays the scheduler (`alloc.kv.simulate`,
+      the default), "fluid" uses the closed form `alloc.kv.fluid` (no
+      preemption; cheap enough to re-solve online).
   """
   model: MoEConfig
   hardware: HardwareProfile
@@ -68,6 +73,7 @@ class Workload:
   block_size: int = 16
   min_concurrency: int = 1
   name: str = "workload"
+  kv_model: str = "simulate"
 
   def __post_init__(self):
     object.__setattr__(self, "hardware", get_profile(self.hardware))
@@ -87,6 +93,9 @@ class Workload:
       if int(getattr(self, name)) < 1:
         raise ValueError(f"Workload.{name} must be >= 1, got "
                          f"{getattr(self, name)}.")
+    if self.kv_model not in KV_MODELS:
+      raise ValueError(f"kv_model must be one of {KV_MODELS}, got "
+                       f"{self.kv_model!r}.")
     if self.min_concurrency > self.concurrency:
       raise ValueError(f"min_concurrency={self.min_concurrency} exceeds "
                        f"concurrency={self.concurrency}.")

@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.controller.rules = "step_curve,mv"  # comma-separated
   config.controller.initial_slots = 4
   config.controller.window = 16  # steps between step-curve decisions
-  config.controller.mv_window = 16  # steps between MV re-solves (~30 ms)
+  config.controller.mv_window = 16  # steps between MV re-solves
   config.controller.barrier = "preempt"  # or "finish"
   config.controller.headroom = 0.2
   config.controller.dead_zone = 0.1  # step-curve: relative KV change
@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.controller.curve_weight = 1.0
   config.controller.memory_windows = 1
   config.controller.mv_uniform = True  # one cap for all layers
+  # MV: the KV model of its re-solves ("fluid": closed form, a few ms a
+  # decision on CPU; "simulate": the offline configurator's replay).
+  config.controller.mv_kv_model = "fluid"
   # KV sizes are (free blocks - k x kv_granule): with one slot in every
   # layer, MV's per-layer splits reuse the steps compiled for uniform ones.
   config.controller.kv_granule = 36

@@ -109,7 +109,8 @@ def make_rule(name: str, config, model, budget, hardware):
   if name == "mv":
     return ctl.MVRule(budget, model.config, hardware, config.engine.max_batch,
                       cc.mv_dead_zone, cc.curve_weight, cc.memory_windows,
-                      kv_granule=cc.kv_granule, uniform=cc.mv_uniform)
+                      kv_granule=cc.kv_granule, uniform=cc.mv_uniform,
+                      kv_model=cc.mv_kv_model)
   raise ValueError(f"unknown controller rule {name!r}; use step_curve or mv.")
 
 

@@ -270,11 +270,13 @@ def serve_open_loop(model, config, budget: DeviceBudget, stream,
       added = 0.0
       for entry in control.history[resizes:]:
         added += resize_seconds(entry, hardware, expert_bytes, block_bytes)
-        spent -= entry["seconds"]  # the engine's CPU work, priced above
+        spent -= entry["seconds"]  # drain and resize: priced above
       if decision == "behind":
         spent = 0.0  # off the critical path (counted by the controller)
-      elif decision == "free":
-        spent = 0.0  # the counterfactual: deciding costs nothing
+      elif decision == "free" or schedule is not None:
+        # The counterfactual (deciding costs nothing), and the oracle,
+        # which knows its schedule: its bookkeeping is the harness's.
+        spent = 0.0
       decision_s += max(spent, 0.0)
       resize_s += added
       clock.now += max(spent, 0.0) + added

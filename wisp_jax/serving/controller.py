@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from wisp_jax.alloc import baselines
 from wisp_jax.alloc import online
 from wisp_jax.alloc import throughput as alloc_sim
 from wisp_jax.alloc import solver
@@ -199,7 +200,7 @@ class MVRule:
                max_batch: int, dead_zone: float = 0.05,
                curve_weight: float = 0.5, memory_windows: int = 2,
                kv_granule: int = 1, max_slots: int | None = None,
-               uniform: bool = False):
+               uniform: bool = False, kv_model: str = "fluid"):
     """Args:
       budget: the engine's budget, bound to its model.
       config: the model's config.
@@ -214,12 +215,16 @@ class MVRule:
       max_slots: most slots per layer (default: what the budget allows).
       uniform: one cap for every layer (WiSP's) instead of MV-WSA's
         per-layer caps: fewer, larger moves when the curves are noisy.
+      kv_model: the workload's KV model (`Workload.kv_model`): "fluid"
+        (closed form, a few ms per decision) or "simulate" (the
+        scheduler replayed, the offline configurator's; ~0.3 s on the
+        default preset's workloads).
     """
     f = self.sizes = _sizes(budget)
     self.budget, self.config, self.hardware = budget, config, hardware
     self.max_batch, self.dead_zone = max_batch, dead_zone
     self.curve_weight, self.kv_granule = curve_weight, kv_granule
-    self.uniform = uniform
+    self.uniform, self.kv_model = uniform, kv_model
     self.max_slots = max_slots or max_slots_per_layer(budget, uniform)
     self.bytes_per_param = f.bytes_per_param
     self.kv_bytes_per_value = f.kv_bytes_per_value
@@ -233,6 +238,14 @@ class MVRule:
     self.recent: collections.deque = collections.deque(maxlen=memory_windows)
     self.curves: RoutingCurves | None = None
     self.last_gain: float | None = None
+
+  def prepare(self, window: int) -> None:
+    """Compiles the routing scan for every window of up to `window` decode
+    steps (`Controller` calls it), so that no decision pays a compile."""
+    f = self.sizes
+    for steps in sorted({1 << max(s - 1, 0).bit_length()
+                         for s in range(1, window + 1)}):
+      mrc.mattson(np.zeros((steps, f.num_layers, f.num_experts), bool))
 
   def _update_curves(self, window: Sequence[Observation]) -> None:
     steps = [o for o in window if o.needed is not None and o.batch > 0]
@@ -265,7 +278,8 @@ class MVRule:
                     concurrency=int(np.clip(wanting, 1, self.max_batch)),
                     curves=self.curves, bytes_per_param=self.bytes_per_param,
                     kv_bytes_per_value=self.kv_bytes_per_value,
-                    block_size=self.sizes.block_size, name="online")
+                    block_size=self.sizes.block_size, name="online",
+                    kv_model=self.kv_model)
 
   def decide(self, current: Split, window: Sequence[Observation]) -> Split:
     """The split after `window` (observed under `current`)."""
@@ -276,7 +290,9 @@ class MVRule:
     budget = alloc_sim.Budget(self.budget.free_bytes + workload.dense_bytes)
     now = current
     if self.uniform:  # online.mv_split, with uniform caps
-      best = solver.solve(workload, budget, uniform=True)
+      # What solver.solve(uniform=True) returns, without its discarded
+      # equimarginal pass: the exact search over the few uniform caps.
+      best = baselines.oracle(workload, budget, uniform=True)
       self.last_gain = best.tokens_per_s / solver.predict(workload, now) - 1
       chosen = best.split if self.last_gain > self.dead_zone else now
     else:
@@ -295,7 +311,8 @@ class Controller:
   Attributes:
     history: one dict per resize (step, splits, preempted requests, slot
       rows moved and evicted, used bytes of every split passed through,
-      seconds), after one for the initial split.
+      CPU seconds of the drain and the resize), after one for the initial
+      split.
   """
 
   def __init__(self, engine, rule, window: int = 16,
@@ -315,6 +332,8 @@ class Controller:
                        f"{engine.experts!r}/{engine.spec.policy!r}.")
     self.engine, self.rule = engine, rule
     self.window, self.barrier = window, barrier
+    if hasattr(rule, "prepare"):
+      rule.prepare(window)
     self._observed: list[Observation] = []
     self.pending: Split | None = None
     self.history: list[dict[str, Any]] = [self._entry(engine.split, {})]
@@ -353,12 +372,15 @@ class Controller:
     if split == engine.split:
       return
     if self.barrier == "preempt" or not engine.num_running:
-      self._resize(split, engine.drain())
+      started = time.perf_counter()
+      preempted = engine.drain()
+      self._resize(split, preempted, time.perf_counter() - started)
     else:
       self.pending = split
       engine.admission_paused = True
 
-  def _resize(self, split: Split, preempted: int) -> None:
+  def _resize(self, split: Split, preempted: int, drain_s: float = 0.0
+              ) -> None:
     engine = self.engine
     started = time.perf_counter()
     old = engine.split
@@ -378,4 +400,4 @@ class Controller:
         "preempted": preempted, "slots_moved": done["moved"],
         "slots_evicted": done["evicted"], "used_bytes": used,
         "budget_bytes": budget.total_bytes,
-        "seconds": time.perf_counter() - started}))
+        "seconds": drain_s + time.perf_counter() - started}))
