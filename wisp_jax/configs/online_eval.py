@@ -8,7 +8,7 @@ Full run (the `tiny` preset with random weights, float32, on CPU; about
 
 The `default` preset (random weights) instead of `tiny`, with budgets and
 phases where the split matters (`:default`, see `_default_model`; about
-33 min on an otherwise idle 2-core x86-64 CPU VM):
+26 min on an otherwise idle 2-core x86-64 CPU VM):
 
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py:default \

@@ -21,12 +21,15 @@ See configs/online_eval.py. The protocol:
      drain are executed steps; a KV pool rebuild writes the new pool once
      and a slot-row move copies one expert, both at the device's memory
      bandwidth; the decision's own compute is its measured CPU seconds,
-     on the critical path.
+     on the critical path (or beside it, "behind"); the CPU seconds of a
+     drain and a resize are the engine's, priced by the steps and bytes
+     above.
   4. Ratios per seed, controller over: the fixed split chosen on the tuning
      scenario; the best fixed split in hindsight (the best mean over this
      scenario's seeds); and the switching oracle (`ScheduledSwitches`:
      at each phase's first arrival it switches to the fixed split that
-     served that phase alone best, paying the same resize costs). Reported
+     served that phase alone best, paying the same resize costs; its
+     bookkeeping is not priced, as it decides nothing). Reported
      as the mean over seeds with a 95% t-interval.
   5. Cost sensitivity: whole reruns (the controllers decide on the changed
      profile too) with the step overhead or the host-to-device bandwidth
