@@ -13,6 +13,12 @@ import pytest
 from wisp_jax.serving import exactness
 
 
+# Decode tokens per run: enough for every capacity to evict and reload
+# (the hit rates below), fewer than the CLI's 128 (compiles are most of
+# the cost; the decode loop is the rest).
+NEW_TOKENS = 48
+
+
 def _assert_all_exact(runs):
   bad = [r for r in runs if not (r.exact and r.counts_ok)]
   assert not bad, bad
@@ -27,8 +33,8 @@ def _assert_all_exact(runs):
     ("float32", exactness.POLICIES), ("bfloat16", ("lrfu_gate",))])
 def test_default_model_every_source_and_policy(dtype, policies):
   offload = dtype == "float32"  # bf16 offload sources: the tiny preset's
-  runs = exactness.check_model("default", dtype, policies=policies,
-                               offload=offload)
+  runs = exactness.check_model("default", dtype, NEW_TOKENS,
+                               policies=policies, offload=offload)
   _assert_all_exact(runs)
   # 3 offload sources + the policies x 3 capacities.
   assert len(runs) == 3 * offload + len(policies) * 3
@@ -48,8 +54,8 @@ def test_default_model_every_source_and_policy(dtype, policies):
 def test_real_geometry_presets(model):
   # The pager at real E and depth; the offload sources run on the default
   # model (above) and on the tiny one (in process and under other ISAs).
-  runs = exactness.check_model(model, "float32", policies=("lru",),
-                               offload=False)
+  runs = exactness.check_model(model, "float32", NEW_TOKENS,
+                               policies=("lru",), offload=False)
   _assert_all_exact(runs)
   assert len({r.capacity for r in runs if r.policy == "lru"}) == 3
   assert len(runs) == 3
