@@ -112,6 +112,10 @@ def test_end_to_end_small(tmp_path):
   assert fixed["resizes"] == 0 and fixed["decision_s"] == 0
   assert behind["decision_s"] == 0
   assert inline["decision_s"] > 0 and behind["decision_off_path_s"] > 0
+  assert fixed["decisions"] == 0 and behind["decisions"] >= 1
+  assert s["controllers"]["step_curve@behind"]["ms_per_decision"] == (
+      pytest.approx(1e3 * behind["decision_off_path_s"] /
+                    behind["decisions"]))
   # The oracle switches where the best split of the phase changes.
   oracle = runs[(seeds, "oracle", "chat,burst")]
   assert oracle["resizes"] <= 1

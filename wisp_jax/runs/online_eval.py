@@ -178,6 +178,7 @@ class BehindController(ctl.Controller):
     started = time.perf_counter()
     chosen = self.rule.decide(engine.split, self._observed)
     spent = time.perf_counter() - started
+    self.decisions += 1
     self._observed = []
     self.decision_s += spent
     self._ready = (self.clock() + spent, chosen)
@@ -300,7 +301,9 @@ def serve_open_loop(model, config, budget: DeviceBudget, stream,
           "makespan_s": clock.now, "steps": steps,
           "tokens_per_s": float(tokens.sum()) / clock.now,
           "mean_latency_s": float(np.mean(latency)),
-          "resizes": len(history), "decision_s": decision_s,
+          "resizes": len(history), "decisions": getattr(control,
+                                                        "decisions", 0),
+          "decision_s": decision_s,
           "resize_s": resize_s, "decision_off_path_s": off_path,
           "preemptions": engine.num_preemptions,
           "splits": [(list(h["slots_per_layer"]), h["kv_blocks"])
@@ -428,6 +431,11 @@ def evaluate_scenario(ev: Evaluator, spec: str, seeds, initial: Split,
         "resizes_per_run": float(np.mean([r["resizes"] for r in runs[rule]])),
         "decision_s_share": float(np.mean(
             [r["decision_s"] / r["makespan_s"] for r in runs[rule]])),
+        # Controller CPU per decision (inline: with its per-step
+        # bookkeeping; behind: the decisions alone), median over runs.
+        "ms_per_decision": float(np.median(
+            [1e3 * (r["decision_s"] + r["decision_off_path_s"]) /
+             max(r["decisions"], 1) for r in runs[rule]])),
         "resize_s_share": float(np.mean(
             [r["resize_s"] / r["makespan_s"] for r in runs[rule]])),
         "latency_over_tuned_fixed": mean_interval(

@@ -335,6 +335,7 @@ class Controller:
     if hasattr(rule, "prepare"):
       rule.prepare(window)
     self._observed: list[Observation] = []
+    self.decisions = 0  # calls of rule.decide
     self.pending: Split | None = None
     self.history: list[dict[str, Any]] = [self._entry(engine.split, {})]
 
@@ -352,6 +353,7 @@ class Controller:
     if len(self._observed) < self.window:
       return
     chosen = self.rule.decide(self.engine.split, self._observed)
+    self.decisions += 1
     self._observed = []
     self.apply(chosen)
 
