@@ -100,8 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.controller.curve_weight = 1.0
   config.controller.memory_windows = 1
   config.controller.mv_uniform = True  # one cap for all layers
-  # MV: the KV model of its re-solves ("fluid": closed form, a few ms a
-  # decision on CPU; "simulate": the offline configurator's replay).
+  # MV: the KV model of its re-solves ("fluid": closed form, about 4 ms a
+  # decision on a 2-core CPU; "simulate": the offline configurator's
+  # replay, 20-300 ms).
   config.controller.mv_kv_model = "fluid"
   # KV sizes are (free blocks - k x kv_granule): with one slot in every
   # layer, MV's per-layer splits reuse the steps compiled for uniform ones.

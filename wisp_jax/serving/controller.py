@@ -216,9 +216,10 @@ class MVRule:
       uniform: one cap for every layer (WiSP's) instead of MV-WSA's
         per-layer caps: fewer, larger moves when the curves are noisy.
       kv_model: the workload's KV model (`Workload.kv_model`): "fluid"
-        (closed form, a few ms per decision) or "simulate" (the
-        scheduler replayed, the offline configurator's; ~0.3 s on the
-        default preset's workloads).
+        (closed form: about 4 ms a decision with uniform caps on the
+        `default` preset's workloads, 2-core CPU) or "simulate" (the
+        scheduler replayed, as the offline configurator does: 20-300 ms
+        there).
     """
     f = self.sizes = _sizes(budget)
     self.budget, self.config, self.hardware = budget, config, hardware
