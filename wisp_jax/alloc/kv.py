@@ -152,8 +152,9 @@ def fluid(prompt_lens, output_lens, block_size: int, max_batch, kv_blocks,
   it is admitted, so a pool of b blocks runs m = clip((b - a) / h, 1, n)
   lanes, and every rate of `unconstrained` scales by m / n. No
   preemption: a closed-form stand-in for `simulate`, cheap enough to
-  re-solve a split online (`simulate` has the error where the pool binds:
-  tests/alloc/kv_test.py). Equal to `unconstrained` where b >= a + n h.
+  re-solve a split online (its error against `simulate` where the pool
+  binds is in tests/alloc/kv_test.py). Equal to `unconstrained` where
+  b >= a + n h.
   """
   p, o = _check_lengths(prompt_lens, output_lens)
   n, b = np.broadcast_arrays(np.atleast_1d(np.asarray(max_batch, np.int64)),

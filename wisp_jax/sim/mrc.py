@@ -230,12 +230,12 @@ def _scan(needed: jax.Array, above: tuple[jax.Array, ...],
   return hist, hits, above, missed
 
 
-def _cold_state(num_layers: int, num_experts: int) -> tuple[np.ndarray, ...]:
-  """Before any reference every expert sees all E experts above it (host
-  arrays: building them as device arrays costs more than a small scan)."""
+def _cold_state(num_layers: int, num_experts: int) -> tuple[jax.Array, ...]:
+  """Before any reference every expert sees all E experts above it (built
+  on the host and copied: `jnp.full` costs more than a small scan)."""
   bits = np.arange(WORD_BITS * num_words(num_experts)) < num_experts
   valid = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
-  return tuple(np.full((num_layers, num_experts), v, np.uint64)
+  return tuple(jnp.asarray(np.full((num_layers, num_experts), v, np.uint64))
                for v in valid)
 
 
