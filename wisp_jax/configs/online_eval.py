@@ -1,7 +1,7 @@
 r"""The online controllers judged out of sample, in modelled time.
 
 Full run (the `tiny` preset with random weights, float32, on CPU; about
-15 min on an otherwise idle 2-core x86-64 CPU VM):
+6 min on an otherwise idle 2-core x86-64 CPU VM):
 
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py --workdir=workdirs/online_eval
