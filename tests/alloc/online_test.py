@@ -5,6 +5,7 @@ import pytest
 
 from wisp_jax.alloc import baselines
 from wisp_jax.alloc import online
+from wisp_jax.alloc import solver
 from wisp_jax.alloc import throughput
 from wisp_jax.alloc.curves import RoutingCurves
 from wisp_jax.sim import mrc
@@ -78,3 +79,15 @@ def test_mv_split_switches_only_outside_the_dead_zone():
   switched, gain = online.mv_split(w, budget, bad)
   assert gain > 0.1 and switched != bad
   assert throughput.predict(w, switched) > throughput.predict(w, bad)
+
+
+def test_uniform_mv_split_is_the_solvers_uniform_answer():
+  w = random_workload(4, concurrency=3)
+  budget = throughput.Budget(w.dense_bytes + 10 * w.expert_bytes
+                           + (w.floor_blocks + 30) * w.block_bytes)
+  bad = budget.fill(w, 2)  # every byte to KV
+  switched, gain = online.mv_split(w, budget, bad, uniform=True)
+  want = solver.solve(w, budget, uniform=True)
+  assert switched == want.split
+  assert len(set(switched.slots_per_layer)) == 1
+  assert gain == want.tokens_per_s / throughput.predict(w, bad) - 1

@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from wisp_jax.alloc import baselines
 from wisp_jax.alloc import solver
 from wisp_jax.alloc.curves import RoutingCurves
 from wisp_jax.alloc.throughput import Budget, BudgetError, Split
@@ -137,14 +138,19 @@ def update_curves(prior: RoutingCurves, needed_masks: np.ndarray,
 
 
 def mv_split(workload: Workload, budget: Budget, current: Split,
-             dead_zone: float = 0.05) -> tuple[Split, float]:
-  """MV-WSA's split for `workload` if it beats `current` by > dead_zone.
+             dead_zone: float = 0.05, uniform: bool = False
+             ) -> tuple[Split, float]:
+  """MV-WSA's split for `workload` if it beats `current` by > dead_zone
+  (`uniform`: one cap for every layer, the exact search over the few caps
+  that `solver.solve(uniform=True)` returns, without its discarded
+  equimarginal pass).
 
   Returns:
     the split to use (`current` inside the dead zone) and the predicted
     relative gain of the MV-WSA split over `current`.
   """
   now = solver.predict(workload, current)
-  best = solver.solve(workload, budget)
+  best = (baselines.oracle(workload, budget, uniform=True) if uniform
+          else solver.solve(workload, budget))
   gain = best.tokens_per_s / now - 1.0
   return (best.split if gain > dead_zone else current), gain

@@ -41,10 +41,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from wisp_jax.alloc import baselines
 from wisp_jax.alloc import online
 from wisp_jax.alloc import throughput as alloc_sim
-from wisp_jax.alloc import solver
 from wisp_jax.alloc.curves import RoutingCurves
 from wisp_jax.alloc.workload import Workload
 from wisp_jax.models.config import MoEConfig
@@ -289,16 +287,8 @@ class MVRule:
       return current
     # The same pageable bytes as the engine's budget.
     budget = alloc_sim.Budget(self.budget.free_bytes + workload.dense_bytes)
-    now = current
-    if self.uniform:  # online.mv_split, with uniform caps
-      # What solver.solve(uniform=True) returns, without its discarded
-      # equimarginal pass: the exact search over the few uniform caps.
-      best = baselines.oracle(workload, budget, uniform=True)
-      self.last_gain = best.tokens_per_s / solver.predict(workload, now) - 1
-      chosen = best.split if self.last_gain > self.dead_zone else now
-    else:
-      chosen, self.last_gain = online.mv_split(workload, budget, now,
-                                               self.dead_zone)
+    chosen, self.last_gain = online.mv_split(workload, budget, current,
+                                             self.dead_zone, self.uniform)
     if chosen.slots_per_layer == current.slots_per_layer and (
         chosen.kv_blocks == current.kv_blocks):
       return current
