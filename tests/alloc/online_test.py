@@ -91,3 +91,27 @@ def test_uniform_mv_split_is_the_solvers_uniform_answer():
   assert switched == want.split
   assert len(set(switched.slots_per_layer)) == 1
   assert gain == want.tokens_per_s / throughput.predict(w, bad) - 1
+
+
+def test_drain_and_window_saving_price_a_move():
+  w = random_workload(4, concurrency=3)
+  budget = throughput.Budget(w.dense_bytes + 10 * w.expert_bytes
+                           + (w.floor_blocks + 30) * w.block_bytes)
+  good = baselines.oracle(w, budget).split
+  bad = budget.fill(w, 2)  # every byte to KV
+  assert online.drain_seconds(w, bad, []) == 0.0
+  # One prefill pass per drained request, its expert loads at the split.
+  costs = throughput.prefill_costs(w)
+  loads = throughput.prediction(w, bad).prefill_loads_per_prefill
+  assert loads > 0
+  want = costs[10] + costs[30] + 2 * throughput.tables(w).tau * loads
+  assert online.drain_seconds(w, bad, [10, 30]) == pytest.approx(want)
+  assert online.drain_seconds(w, bad, [10, 30, 30]) > want
+  with pytest.raises(ValueError, match="contexts"):
+    online.drain_seconds(w, bad, [0])
+  # 100 tokens at the better split take less time than at the worse.
+  saving = online.window_saving(w, bad, good, 100)
+  assert saving == pytest.approx(100 / throughput.predict(w, bad) -
+                                 100 / throughput.predict(w, good))
+  assert saving > 0 > online.window_saving(w, good, bad, 100)
+  assert online.window_saving(w, good, good, 100) == 0.0

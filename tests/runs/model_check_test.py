@@ -53,6 +53,24 @@ def test_executed_rates_by_hand():
   assert got["seconds_per_token"] == pytest.approx(seconds / 5, rel=1e-12)
 
 
+def test_relative_standard_errors_by_batch_means():
+  c, hw = get_config("tiny"), get_profile("rtx3090")
+  step = lambda misses, prefill: (Record(1, int(prefill), 0, 10), [
+      P("decode", 1, 20, 0, misses, misses)] + (
+          [P("prefill", 1, 8, 0, 4, 4)] if prefill else []))
+  # Two parts of two steps: decode misses 1 and 3 per pass (mean 2).
+  window = [step(1, True), step(1, False), step(3, False), step(3, False)]
+  got = model_check.relative_standard_errors(window, c, hw, 2, chunks=2)
+  want = np.std([1.0, 3.0], ddof=1) / np.sqrt(2) / 2.0
+  assert got["decode_misses"] == pytest.approx(want)
+  assert got["batch"] == 0.0  # one row in every pass
+  # Only the first part has a prefill: no spread to measure.
+  assert np.isnan(got["prefill_loads"])
+  assert np.isnan(got["preemptions"])  # none executed
+  with pytest.raises(ValueError, match="chunks"):
+    model_check.relative_standard_errors(window, c, hw, 2, chunks=1)
+
+
 def test_relative_error_and_splits():
   assert model_check.relative_error("batch", 5.5, 5.0) == pytest.approx(0.1)
   # Rare events: within the absolute floor both sides count as equal.

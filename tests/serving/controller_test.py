@@ -1,5 +1,7 @@
 """Tests of wisp_jax/serving/controller.py and Engine.resize."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -45,9 +47,10 @@ class _Scripted:
 
   def __init__(self, splits):
     self.splits = list(splits)
+    self.windows = []
 
   def decide(self, current, window):
-    del window
+    self.windows.append(window)
     return self.splits.pop(0) if self.splits else current
 
 
@@ -61,10 +64,13 @@ def test_resize_cycle_mid_generation_is_exact_lossless_within_budget(
   engine = Engine(tiny_model, budget, WIDE.slots_per_layer, WIDE.kv_blocks,
                   **ENGINE)
   # Shrink slots / grow KV after 3 steps, then back after 3 more.
-  control = ctl.Controller(engine, _Scripted([DEEP, WIDE]), window=3,
-                           barrier=barrier)
+  rule = _Scripted([DEEP, WIDE])
+  control = ctl.Controller(engine, rule, window=3, barrier=barrier)
   with jax.transfer_guard("disallow"):
     results = engine.run(requests, on_step=control.on_step)
+  # What a drain would re-prefill: each running request's held tokens.
+  contexts = [c for w in rule.windows for o in w for c in o.contexts]
+  assert contexts and all(PROMPT < c <= PROMPT + NEW for c in contexts)
 
   resizes = control.history[1:]
   assert [(r["slots_per_layer"], r["kv_blocks"]) for r in resizes] == [
@@ -222,6 +228,39 @@ def test_mv_rule_follows_locality_and_waiting_requests(tiny_model, kv_model):
   assert rule.last_gain > 0.05
 
 
+def test_mv_rule_moves_once_the_savings_pay_for_the_drain(tiny_model):
+  config = tiny_model.config
+  budget = _footprint_budget(6 * 2 * 5760 + 16 * 2560)
+  kv_heavy = Split.make(2, 34, 2)
+  lengths = {0: (10, 20), 1: (150, 60)}
+
+  def moves(contexts, windows=4, **kwargs):
+    """The decisions (moved or not) of one rule over repeated windows of 8
+    local steps with `contexts` running."""
+    rule = ctl.MVRule(budget, config, TOY, max_batch=8, **kwargs)
+    window = [dataclasses.replace(o, contexts=contexts) for o in _window(
+        kv_heavy, 2, 0, _local_routing(8), lengths)]
+    out = []
+    for _ in range(windows):
+      chosen = rule.decide(kv_heavy, window)
+      out.append(chosen != kv_heavy)
+      if out[-1]:
+        assert chosen.kv_blocks < 34
+        break
+      # Waiting: the savings passed up so far fall short of the drain.
+      assert 0 < rule.saved_s < rule.last_drain_s
+    return out
+
+  # Nothing running: the drain costs nothing, the move is made at once.
+  assert moves(()) == [True]
+  # Eight running requests: one window's predicted saving (about 13 ms on
+  # this profile) is short of eight re-prefills (about 16 ms); two pay.
+  assert moves((30,) * 8) == [False, True]
+  assert moves((30,) * 8, price_moves=False) == [True]
+  # One running request: one window pays for its drain.
+  assert moves((30,)) == [True]
+
+
 def test_controller_refuses_what_it_cannot_serve(tiny_model):
   budget = _budget(tiny_model)
   fifo = Engine(tiny_model, budget, WIDE.slots_per_layer, WIDE.kv_blocks,
@@ -229,6 +268,13 @@ def test_controller_refuses_what_it_cannot_serve(tiny_model):
   rule = ctl.MVRule(budget, tiny_model.config, TOY, max_batch=2)
   with pytest.raises(ValueError, match="last_use.*'fifo'"):
     ctl.Controller(fifo, rule)
+  paged = Engine(tiny_model, budget, WIDE.slots_per_layer, WIDE.kv_blocks,
+                 **ENGINE)
+  with pytest.raises(ValueError, match="price_moves=False"):
+    ctl.Controller(paged, rule, barrier="finish")
+  ctl.Controller(paged, ctl.MVRule(budget, tiny_model.config, TOY,
+                                   max_batch=2, price_moves=False),
+                 barrier="finish")
   with pytest.raises(BudgetError, match="DeviceBudget"):
     ctl.Controller(Engine(tiny_model, None, 4, 16, **ENGINE), rule)
   # A budget without room for the KV floor and top_k slots per layer.

@@ -17,6 +17,12 @@ above what is used and give the rest to expert slots:
 MV rule (`mv_split`): re-estimate the routing curves from the routing the
 engine observed (`update_curves`), re-solve MV-WSA and switch only if the
 predicted throughput gain exceeds the dead zone.
+
+A move drains the engine, and the drained requests re-prefill what they
+held. `drain_seconds` predicts that cost and `window_saving` what a
+window would have gained at the new split; a rule that waits until the
+savings it passed up add up to the drain's cost (the break-even rule of
+ski rental) moves at once on a large gain and never on a small, noisy one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 
 from wisp_jax.alloc import baselines
 from wisp_jax.alloc import solver
+from wisp_jax.alloc import throughput
 from wisp_jax.alloc.curves import RoutingCurves
 from wisp_jax.alloc.throughput import Budget, BudgetError, Split
 from wisp_jax.alloc.workload import Workload
@@ -154,3 +161,28 @@ def mv_split(workload: Workload, budget: Budget, current: Split,
           else solver.solve(workload, budget))
   gain = best.tokens_per_s / now - 1.0
   return (best.split if gain > dead_zone else current), gain
+
+
+def drain_seconds(workload: Workload, split: Split, contexts) -> float:
+  """Predicted seconds of re-prefilling the running requests after a drain
+  at `split`: one prefill pass of each request's held tokens (`contexts`),
+  with the expert loads of the workload's mean prefill at `split`."""
+  contexts = np.asarray(contexts, np.int64)
+  if contexts.size == 0:
+    return 0.0
+  if contexts.min() < 1:
+    raise ValueError(f"contexts must be >= 1 token, got {contexts.min()}.")
+  costs = throughput.prefill_costs(workload)
+  loads = throughput.prediction(workload, split).prefill_loads_per_prefill
+  return float(costs[np.minimum(contexts, costs.size - 1)].sum() +
+               contexts.size * throughput.tables(workload).tau * loads)
+
+
+def window_saving(workload: Workload, current: Split, new: Split,
+                  tokens: float) -> float:
+  """Predicted seconds `tokens` output tokens take at `current` minus at
+  `new` (negative when `new` is slower)."""
+  if tokens < 0:
+    raise ValueError(f"tokens must be >= 0, got {tokens}.")
+  return tokens * (1.0 / solver.predict(workload, current) -
+                   1.0 / solver.predict(workload, new))

@@ -30,7 +30,9 @@ passes, its decode pass, its expert copies, not overlapped). CPU wall time
 (controller work included) is reported next to them. The MV rule prices
 splits with the same profile.
 
-Override single fields, e.g. `--config.controller.barrier=finish`,
+Override single fields, e.g. `--config.controller.barrier=finish
+--config.controller.mv_price_moves=False` (a move priced by the re-prefills
+of a preempting drain needs the `preempt` barrier),
 `--config.hardware=h100-pcie`, `--config.warmup=False`,
 `--config.fixed_slots=2,4`, `--config.controller.rules=mv` (a
 comma-separated list) or the phases, a tuple of dicts:
@@ -91,7 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.controller.initial_slots = 4
   config.controller.window = 16  # steps between step-curve decisions
   config.controller.mv_window = 16  # steps between MV re-solves
-  config.controller.barrier = "preempt"  # or "finish"
+  # "preempt" or "finish" (then mv_price_moves=False: it prices the
+  # re-prefills of a preempting drain).
+  config.controller.barrier = "preempt"
   config.controller.headroom = 0.2
   config.controller.dead_zone = 0.1  # step-curve: relative KV change
   config.controller.mv_dead_zone = 0.05  # MV: predicted relative gain
@@ -104,6 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # decision on a 2-core CPU; "simulate": the offline configurator's
   # replay, 20-300 ms).
   config.controller.mv_kv_model = "fluid"
+  # MV: move only once the seconds a move was predicted to save, over the
+  # windows that chose it, pay for its drain's re-prefills.
+  config.controller.mv_price_moves = True
   # KV sizes are (free blocks - k x kv_granule): with one slot in every
   # layer, MV's per-layer splits reuse the steps compiled for uniform ones.
   config.controller.kv_granule = 36

@@ -1,14 +1,14 @@
 r"""The online controllers judged out of sample, in modelled time.
 
 Full run (the `tiny` preset with random weights, float32, on CPU; about
-6 min on an otherwise idle 2-core x86-64 CPU VM):
+10 min on an otherwise idle 2-core x86-64 CPU VM):
 
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py --workdir=workdirs/online_eval
 
 The `default` preset (random weights) instead of `tiny`, with budgets and
 phases where the split matters (`:default`, see `_default_model`; about
-26 min on an otherwise idle 2-core x86-64 CPU VM):
+30 min on an otherwise idle 2-core x86-64 CPU VM):
 
   .venv/bin/python experiments/online_eval.py \
       --config=configs/online_eval.py:default \
@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Scenario name -> comma-separated phase types, served back to back (a
   # phase's arrivals start where the previous phase's arrivals end).
   config.tuning = "long,chat"
-  config.tuning_seeds = "0,1"
+  config.tuning_seeds = "0,1,2,3"
   # Controller settings tried on the tuning scenario (field -> values,
   # comma-separated); the best combination is frozen for the evaluation.
   config.tuning_grid = ml_collections.ConfigDict({

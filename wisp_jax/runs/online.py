@@ -110,7 +110,8 @@ def make_rule(name: str, config, model, budget, hardware):
     return ctl.MVRule(budget, model.config, hardware, config.engine.max_batch,
                       cc.mv_dead_zone, cc.curve_weight, cc.memory_windows,
                       kv_granule=cc.kv_granule, uniform=cc.mv_uniform,
-                      kv_model=cc.mv_kv_model)
+                      kv_model=cc.mv_kv_model,
+                      price_moves=cc.mv_price_moves)
   raise ValueError(f"unknown controller rule {name!r}; use step_curve or mv.")
 
 

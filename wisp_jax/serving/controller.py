@@ -15,7 +15,9 @@ between expert slots and KV blocks:
               the live requests (their lengths, and as concurrency the
               requests that want to run: running + queued, up to the max
               batch) and re-solves MV-WSA; switches only if the predicted
-              gain exceeds a dead zone (`alloc.online.mv_split`).
+              gain exceeds a dead zone (`alloc.online.mv_split`) and the
+              seconds it would have saved over the windows that chose it
+              pay for the drain's re-prefills (`price_moves`).
 
 A change is applied at a barrier: `preempt` drains at once (running requests
 are preempted by recompute, `Engine.drain`), `finish` stops admitting and
@@ -69,6 +71,8 @@ class Observation:
       decode, or a policy without `last_use`).
     lengths: `{request_id: (prompt length, max_new_tokens)}` of the live
       requests at the end of the step.
+    contexts: tokens each running request holds at the end of the step
+      (what a drain would re-prefill).
   """
   step: int
   kv_blocks: int
@@ -78,6 +82,7 @@ class Observation:
   kv_waiting: int
   needed: np.ndarray | None = None
   lengths: dict = dataclasses.field(default_factory=dict)
+  contexts: tuple[int, ...] = ()
 
 
 def _has_last_use(engine) -> bool:
@@ -105,7 +110,8 @@ def observe(engine, record: dict[str, Any], routing: bool = True
       waiting=waiting, kv_waiting=waiting if kv_limited else 0,
       needed=needed,
       lengths={r.request_id: (len(r.prompt), r.max_new_tokens)
-               for r in engine.live_requests()})
+               for r in engine.live_requests()},
+      contexts=tuple(engine.running_contexts()))
 
 
 def _sizes(budget: DeviceBudget):
@@ -198,7 +204,8 @@ class MVRule:
                max_batch: int, dead_zone: float = 0.05,
                curve_weight: float = 0.5, memory_windows: int = 2,
                kv_granule: int = 1, max_slots: int | None = None,
-               uniform: bool = False, kv_model: str = "fluid"):
+               uniform: bool = False, kv_model: str = "fluid",
+               price_moves: bool = True):
     """Args:
       budget: the engine's budget, bound to its model.
       config: the model's config.
@@ -218,12 +225,19 @@ class MVRule:
         `default` preset's workloads, 2-core CPU) or "simulate" (the
         scheduler replayed, as the offline configurator does: 20-300 ms
         there).
+      price_moves: a move waits until the seconds it was predicted to
+        save, summed over the tokens served since the consecutive
+        decisions that chose it began, reach the predicted seconds of
+        re-prefilling the requests its drain preempts
+        (`online.window_saving`, `online.drain_seconds`); without it a
+        move is made as soon as one window predicts it.
     """
     f = self.sizes = _sizes(budget)
     self.budget, self.config, self.hardware = budget, config, hardware
     self.max_batch, self.dead_zone = max_batch, dead_zone
     self.curve_weight, self.kv_granule = curve_weight, kv_granule
     self.uniform, self.kv_model = uniform, kv_model
+    self.price_moves = price_moves
     self.max_slots = max_slots or max_slots_per_layer(budget, uniform)
     self.bytes_per_param = f.bytes_per_param
     self.kv_bytes_per_value = f.kv_bytes_per_value
@@ -237,6 +251,12 @@ class MVRule:
     self.recent: collections.deque = collections.deque(maxlen=memory_windows)
     self.curves: RoutingCurves | None = None
     self.last_gain: float | None = None
+    # The move the last windows chose, the seconds they predicted it to
+    # save, and the predicted seconds of its drain.
+    self.candidate: Split | None = None
+    self.saved_s = 0.0
+    self.last_drain_s = 0.0
+    self._last_step: int | None = None  # the previous window's last step
 
   def prepare(self, window: int) -> None:
     """Compiles the routing scan for every window of up to `window` decode
@@ -280,8 +300,25 @@ class MVRule:
                     block_size=self.sizes.block_size, name="online",
                     kv_model=self.kv_model)
 
+  def _served(self, window: Sequence[Observation]) -> float:
+    """Output tokens served since the previous decision: the window's, and
+    at its mean batch those of the steps between the windows (a decision
+    made beside the path leaves steps unobserved)."""
+    tokens = float(sum(o.batch for o in window))
+    if self._last_step is not None:
+      gap = window[0].step - self._last_step - 1
+      tokens += max(gap, 0) * tokens / len(window)
+    return tokens
+
   def decide(self, current: Split, window: Sequence[Observation]) -> Split:
     """The split after `window` (observed under `current`)."""
+    try:
+      return self._decide(current, window)
+    finally:
+      if window:
+        self._last_step = window[-1].step
+
+  def _decide(self, current: Split, window: Sequence[Observation]) -> Split:
     workload = self.workload(window)
     if workload is None:
       return current
@@ -289,11 +326,23 @@ class MVRule:
     budget = alloc_sim.Budget(self.budget.free_bytes + workload.dense_bytes)
     chosen, self.last_gain = online.mv_split(workload, budget, current,
                                              self.dead_zone, self.uniform)
-    if chosen.slots_per_layer == current.slots_per_layer and (
-        chosen.kv_blocks == current.kv_blocks):
+    target = current
+    if chosen.slots_per_layer != current.slots_per_layer or (
+        chosen.kv_blocks != current.kv_blocks):
+      target = fit(chosen, self.budget, self.max_slots, self.kv_granule)
+    if target == current or not self.price_moves:
+      self.candidate, self.saved_s = None, 0.0
+      return target
+    if target != self.candidate:
+      self.candidate, self.saved_s = target, 0.0
+    self.saved_s += online.window_saving(workload, current, target,
+                                         self._served(window))
+    self.last_drain_s = online.drain_seconds(workload, target,
+                                             window[-1].contexts)
+    if self.saved_s < self.last_drain_s:
       return current
-    return fit(chosen, self.budget,
-               self.max_slots, self.kv_granule)
+    self.candidate, self.saved_s = None, 0.0
+    return target
 
 
 class Controller:
@@ -315,6 +364,10 @@ class Controller:
     if engine.budget is None:
       raise BudgetError("the controller needs an engine built with a "
                         "DeviceBudget.")
+    if getattr(rule, "price_moves", False) and barrier != "preempt":
+      raise ValueError(f"rule {getattr(rule, 'name', rule)!r} prices a move "
+                       "by the re-prefills of a preempting drain; with "
+                       f"barrier={barrier!r} build it with price_moves=False.")
     self.routing = getattr(rule, "needs_routing", True)
     if self.routing and not _has_last_use(engine):
       raise ValueError(f"rule {getattr(rule, 'name', rule)!r} observes "

@@ -263,6 +263,12 @@ class Engine:
     (`results` keeps only the live ones)."""
     return self.scheduler.pop_finished()
 
+  def running_contexts(self) -> list[int]:
+    """Tokens each running request holds (prompt + generated): what it
+    re-prefills if preempted now."""
+    return [seq.prompt.size + len(seq.generated)
+            for seq in self.scheduler.running]
+
   def live_requests(self) -> list[Request]:
     """The running requests (in admission order), then the waiting ones."""
     s = self.scheduler
