@@ -234,15 +234,16 @@ def test_mv_rule_moves_once_the_savings_pay_for_the_drain(tiny_model):
   kv_heavy = Split.make(2, 34, 2)
   lengths = {0: (10, 20), 1: (150, 60)}
 
-  def moves(contexts, windows=4, **kwargs):
-    """The decisions (moved or not) of one rule over repeated windows of 8
-    local steps with `contexts` running."""
+  def moves(contexts, starts=(0, 8, 16, 24), **kwargs):
+    """The decisions (moved or not) of one rule over windows of 8 local
+    steps from `starts` with `contexts` running."""
     rule = ctl.MVRule(budget, config, TOY, max_batch=8, **kwargs)
     window = [dataclasses.replace(o, contexts=contexts) for o in _window(
         kv_heavy, 2, 0, _local_routing(8), lengths)]
     out = []
-    for _ in range(windows):
-      chosen = rule.decide(kv_heavy, window)
+    for start in starts:
+      chosen = rule.decide(kv_heavy, [dataclasses.replace(
+          o, step=start + o.step) for o in window])
       out.append(chosen != kv_heavy)
       if out[-1]:
         assert chosen.kv_blocks < 34
@@ -259,6 +260,11 @@ def test_mv_rule_moves_once_the_savings_pay_for_the_drain(tiny_model):
   assert moves((30,) * 8, price_moves=False) == [True]
   # One running request: one window pays for its drain.
   assert moves((30,)) == [True]
+  # Sixteen re-prefills (about 32 ms) take three windows' savings; a
+  # second window 52 unobserved steps after the first (a decision made
+  # beside the path) counts the tokens served in between and pays.
+  assert moves((30,) * 16) == [False, False, True]
+  assert moves((30,) * 16, starts=(0, 60)) == [False, True]
 
 
 def test_controller_refuses_what_it_cannot_serve(tiny_model):
