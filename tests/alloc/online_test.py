@@ -99,19 +99,23 @@ def test_drain_and_window_saving_price_a_move():
                            + (w.floor_blocks + 30) * w.block_bytes)
   good = baselines.oracle(w, budget).split
   bad = budget.fill(w, 2)  # every byte to KV
-  assert online.drain_seconds(w, bad, []) == 0.0
+  at_bad = throughput.prediction(w, bad)
+  assert online.drain_seconds(w, at_bad, []) == 0.0
   # One prefill pass per drained request, its expert loads at the split.
   costs = throughput.prefill_costs(w)
-  loads = throughput.prediction(w, bad).prefill_loads_per_prefill
+  loads = at_bad.prefill_loads_per_prefill
   assert loads > 0
   want = costs[10] + costs[30] + 2 * throughput.tables(w).tau * loads
-  assert online.drain_seconds(w, bad, [10, 30]) == pytest.approx(want)
-  assert online.drain_seconds(w, bad, [10, 30, 30]) > want
+  assert online.drain_seconds(w, at_bad, [10, 30]) == pytest.approx(want)
+  assert online.drain_seconds(w, at_bad, [10, 30, 30]) > want
   with pytest.raises(ValueError, match="contexts"):
-    online.drain_seconds(w, bad, [0])
+    online.drain_seconds(w, at_bad, [0])
   # 100 tokens at the better split take less time than at the worse.
-  saving = online.window_saving(w, bad, good, 100)
-  assert saving == pytest.approx(100 / throughput.predict(w, bad) -
-                                 100 / throughput.predict(w, good))
-  assert saving > 0 > online.window_saving(w, good, bad, 100)
-  assert online.window_saving(w, good, good, 100) == 0.0
+  slow, fast = throughput.predict(w, bad), throughput.predict(w, good)
+  assert fast > slow
+  saving = online.window_saving(100, slow, fast)
+  assert saving == pytest.approx(100 / slow - 100 / fast)
+  assert saving > 0 > online.window_saving(100, fast, slow)
+  assert online.window_saving(100, fast, fast) == 0.0
+  with pytest.raises(ValueError, match="tokens"):
+    online.window_saving(-1, slow, fast)

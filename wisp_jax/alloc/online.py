@@ -163,26 +163,27 @@ def mv_split(workload: Workload, budget: Budget, current: Split,
   return (best.split if gain > dead_zone else current), gain
 
 
-def drain_seconds(workload: Workload, split: Split, contexts) -> float:
-  """Predicted seconds of re-prefilling the running requests after a drain
-  at `split`: one prefill pass of each request's held tokens (`contexts`),
-  with the expert loads of the workload's mean prefill at `split`."""
+def drain_seconds(workload: Workload, at_split: throughput.Prediction,
+                  contexts) -> float:
+  """Predicted seconds of re-prefilling the running requests after a drain:
+  one prefill pass of each request's held tokens (`contexts`), with the
+  expert copies of the workload's mean prefill at the new split
+  (`at_split`, its `throughput.prediction`)."""
   contexts = np.asarray(contexts, np.int64)
   if contexts.size == 0:
     return 0.0
   if contexts.min() < 1:
     raise ValueError(f"contexts must be >= 1 token, got {contexts.min()}.")
   costs = throughput.prefill_costs(workload)
-  loads = throughput.prediction(workload, split).prefill_loads_per_prefill
   return float(costs[np.minimum(contexts, costs.size - 1)].sum() +
-               contexts.size * throughput.tables(workload).tau * loads)
+               contexts.size * throughput.tables(workload).tau *
+               at_split.prefill_loads_per_prefill)
 
 
-def window_saving(workload: Workload, current: Split, new: Split,
-                  tokens: float) -> float:
-  """Predicted seconds `tokens` output tokens take at `current` minus at
-  `new` (negative when `new` is slower)."""
+def window_saving(tokens: float, now_tokens_per_s: float,
+                  new_tokens_per_s: float) -> float:
+  """Seconds `tokens` output tokens take at the current rate minus at the
+  new one (negative when the new one is slower)."""
   if tokens < 0:
     raise ValueError(f"tokens must be >= 0, got {tokens}.")
-  return tokens * (1.0 / solver.predict(workload, current) -
-                   1.0 / solver.predict(workload, new))
+  return tokens * (1.0 / now_tokens_per_s - 1.0 / new_tokens_per_s)

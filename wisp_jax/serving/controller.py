@@ -335,9 +335,11 @@ class MVRule:
       return target
     if target != self.candidate:
       self.candidate, self.saved_s = target, 0.0
-    self.saved_s += online.window_saving(workload, current, target,
-                                         self._served(window))
-    self.last_drain_s = online.drain_seconds(workload, target,
+    at_target = alloc_sim.prediction(workload, target)
+    self.saved_s += online.window_saving(
+        self._served(window), alloc_sim.predict(workload, current),
+        at_target.tokens_per_s)
+    self.last_drain_s = online.drain_seconds(workload, at_target,
                                              window[-1].contexts)
     if self.saved_s < self.last_drain_s:
       return current
