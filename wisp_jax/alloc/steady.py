@@ -8,10 +8,17 @@ replays that order on routing taken from a trace:
   * n lanes (the batch); each lane serves requests back to back, a
     request of prompt p and output o holding it for o - 1 decode passes
     and starting with one prefill pass (lengths: the workload's samples);
-  * a request's routing is a trace request's (`RequestRouting`): its
-    decode tokens (continued into the next trace request when o - 1 is
-    longer) and its prompt's union of experts (the trace's prefill events;
-    without them, the union of its first p tokens);
+  * the length samples are taken in rounds, each a random permutation
+    (all used once per round, shared by the lanes);
+  * a request's routing is that of a trace request (`RequestRouting`)
+    with at least o - 1 decode tokens: its first o - 1 decode tokens and
+    its prompt's union of experts (the trace's prefill events; without
+    them, the union of its first p tokens). Among those long enough, one
+    that no other lane runs (two lanes on one routing would share their
+    experts), the least used so far. Only when no trace request is that
+    long are the longest one's tokens continued into the next trace
+    request's, with no prefill between (which breaks the reuse within a
+    request that LRU hits on);
   * lanes start at random points of their first request, and a warm-up
     is not counted; the caches start with every expert in id order below
     anything referenced, so nothing is cold: the counts are those of a
@@ -34,6 +41,7 @@ evicting the decode working set, and the misses/loads of a prefill pass.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +49,11 @@ import numpy as np
 from wisp_jax.traces.trace import PREFILL, RoutingTrace
 
 DECODE_PASS, PREFILL_PASS = 0, 1
+
+# Requests a level's stream serves by default. A stream's counts vary
+# with the requests it draws, about as one over the root of their number;
+# a fixed count of steps leaves low levels (few lanes) the noisiest.
+LEVEL_REQUESTS = 500
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -133,28 +146,43 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
   rng = np.random.default_rng(seed)
   p_all = np.asarray(prompt_lens, np.int64)
   o_all = np.asarray(output_lens, np.int64)
+  if p_all.size == 0 or p_all.size != o_all.size:
+    raise ValueError(f"need as many prompt as output lengths, at least one "
+                     f"(got {p_all.size} and {o_all.size}).")
+  if o_all.max() < 2:
+    raise ValueError("every output length is below 2: a request then has "
+                     "no decode pass, and the stream none.")
   total_steps = warmup + steps
   num_tokens, num_layers, _ = routing.tokens.shape
   token_at = np.zeros((lanes, total_steps), np.int64)
   starts: list[list[tuple[int, int, int]]] = [[] for _ in range(total_steps)]
-  for lane in range(lanes):
-    t, first = 0, True
-    while t < total_steps:
-      i = int(rng.integers(p_all.size))
-      r = int(rng.integers(routing.num_requests))
-      length = int(o_all[i]) - 1
-      if length < 1:  # ends at its prefill; the lane admits another
-        if not first and prefills:
-          starts[t].append((lane, r, int(p_all[i])))
-        continue
-      skip = int(rng.integers(length)) if first else 0
-      if not first and prefills:
-        starts[t].append((lane, r, int(p_all[i])))
-      first = False
-      take = min(length - skip, total_steps - t)
-      token_at[lane, t:t + take] = (routing.starts[r] + skip +
-                                    np.arange(take)) % num_tokens
-      t += take
+  samples = _cycled_permutations(rng, p_all.size)
+  uses = np.zeros(routing.num_requests, np.int64)
+  holder = np.full(lanes, -1, np.int64)
+  # Lanes admit in time order (a lane frees at the end of its request),
+  # so `holder` is what the other lanes run when a lane picks.
+  free = [(0, lane) for lane in range(lanes)]
+  first = np.ones(lanes, bool)
+  while free:
+    t, lane = heapq.heappop(free)
+    i = next(samples)
+    length = int(o_all[i]) - 1
+    busy = np.delete(holder, lane)
+    r = _pick_request(routing.lengths, uses, busy[busy >= 0], length, rng)
+    uses[r] += 1
+    holder[lane] = r
+    if prefills and not first[lane]:
+      starts[t].append((lane, r, int(p_all[i])))
+    if length < 1:  # ends at its prefill; the lane admits another
+      heapq.heappush(free, (t, lane))
+      continue
+    skip = int(rng.integers(length)) if first[lane] else 0
+    first[lane] = False
+    take = min(length - skip, total_steps - t)
+    token_at[lane, t:t + take] = (routing.starts[r] + skip +
+                                  np.arange(take)) % num_tokens
+    if t + take < total_steps:
+      heapq.heappush(free, (t + take, lane))
   layer = np.arange(num_layers)[None, None, :, None]
   decode = np.zeros((total_steps, num_layers, routing.num_experts), bool)
   ids = routing.tokens[token_at]  # [lanes, S, L, K]
@@ -169,6 +197,29 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
     kinds.append(DECODE_PASS)
     measured.append(t >= warmup)
   return np.stack(masks), np.asarray(kinds), np.asarray(measured)
+
+
+def _pick_request(lengths: np.ndarray, uses: np.ndarray, busy: np.ndarray,
+                  length: int, rng: np.random.Generator) -> int:
+  """A trace request for a request of `length` decode tokens: among those
+  at least that long (else the longest), one no other lane runs when
+  possible, the least used so far, ties at random."""
+  long_enough = lengths >= max(length, 1)
+  if not long_enough.any():
+    long_enough = lengths == lengths.max()
+  idle = long_enough.copy()
+  idle[busy] = False
+  pool = np.flatnonzero(idle if idle.any() else long_enough)
+  pool = pool[uses[pool] == uses[pool].min()]
+  return int(pool[rng.integers(pool.size)])
+
+
+def _cycled_permutations(rng: np.random.Generator, size: int):
+  """Indices 0..size-1, a fresh random permutation after each full pass
+  (every length sample used once per pass: less noise than draws with
+  replacement)."""
+  while True:
+    yield from (int(i) for i in rng.permutation(size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,11 +309,13 @@ def level_stream(routing: RequestRouting, prompt_lens, output_lens,
                  warmup: int | None = None, seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`engine_stream` of one level as `engine_curves` measures it: `steps`
-  decode steps (default 6 mean lifetimes, at least 400) after `warmup`
-  (default one mean lifetime, at least 32), lanes seeded by the level."""
+  decode steps (default: enough for `LEVEL_REQUESTS` requests to start,
+  and at least 6 mean lifetimes and 400 steps) after `warmup` (default
+  one mean lifetime, at least 32), lanes seeded by the level."""
   o = np.asarray(output_lens, np.int64)
   life = float(np.maximum(o - 1, 1).mean())
-  steps = int(steps or max(400, 6 * life))
+  steps = int(steps or max(400, 6 * life,
+                           np.ceil(LEVEL_REQUESTS * life / int(level))))
   warmup = int(warmup if warmup is not None else max(32, life))
   return engine_stream(routing, prompt_lens, output_lens, int(level), steps,
                        warmup, seed + 1000 * int(level))
@@ -299,8 +352,7 @@ def engine_curves(routing: RequestRouting, prompt_lens, output_lens,
     routing: per-request routing of a profiling trace.
     prompt_lens, output_lens: the workload's length samples.
     levels: batch sizes n to measure.
-    steps: decode steps measured per level (default 6 mean lifetimes,
-      at least 400).
+    steps: decode steps measured per level (default: `level_stream`'s).
     warmup: steps not measured (default one mean lifetime, at least 32).
     seed: lane schedules.
   """

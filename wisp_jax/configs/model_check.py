@@ -1,7 +1,7 @@
 r"""The throughput model against executed engine runs.
 
 Full run (the `tiny` and `olmoe-1b-7b-small` presets with random weights,
-float32, on CPU; about 6 min on a busy 2-core x86-64 CPU VM):
+float32, on CPU; about 12 min on a busy 2-core x86-64 CPU VM):
 
   .venv/bin/python experiments/model_check.py \
       --config=configs/model_check.py --workdir=workdirs/model_check
