@@ -158,19 +158,19 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
   starts: list[list[tuple[int, int, int]]] = [[] for _ in range(total_steps)]
   samples = _cycled_permutations(rng, p_all.size)
   uses = np.zeros(routing.num_requests, np.int64)
-  holder = np.full(lanes, -1, np.int64)
   # Lanes admit in time order (a lane frees at the end of its request),
-  # so `holder` is what the other lanes run when a lane picks.
+  # so a lane picks knowing what the others run: `holder` until `ends`.
+  holder = np.zeros(lanes, np.int64)
+  ends = np.zeros(lanes, np.int64)
   free = [(0, lane) for lane in range(lanes)]
   first = np.ones(lanes, bool)
   while free:
     t, lane = heapq.heappop(free)
     i = next(samples)
     length = int(o_all[i]) - 1
-    busy = np.delete(holder, lane)
-    r = _pick_request(routing.lengths, uses, busy[busy >= 0], length, rng)
+    busy = holder[ends > t]
+    r = _pick_request(routing.lengths, uses, busy, length, rng)
     uses[r] += 1
-    holder[lane] = r
     if prefills and not first[lane]:
       starts[t].append((lane, r, int(p_all[i])))
     if length < 1:  # ends at its prefill; the lane admits another
@@ -181,6 +181,7 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
     take = min(length - skip, total_steps - t)
     token_at[lane, t:t + take] = (routing.starts[r] + skip +
                                   np.arange(take)) % num_tokens
+    holder[lane], ends[lane] = r, t + take
     if t + take < total_steps:
       heapq.heappush(free, (t + take, lane))
   layer = np.arange(num_layers)[None, None, :, None]
