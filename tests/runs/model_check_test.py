@@ -14,6 +14,8 @@ from wisp_jax.models.config import get_config
 from wisp_jax.runs import model_check
 from wisp_jax.sim import cost
 from wisp_jax.sim.hardware import get_profile
+from wisp_jax.traces.trace import DECODE
+from wisp_jax.traces.trace import RoutingTrace
 
 
 @dataclasses.dataclass
@@ -99,3 +101,71 @@ def test_replayed_counts_of_executed_passes_by_hand():
   bare = [(None, [P("decode", 1, 4, 0, 0, 0)])]
   assert model_check.replayed_counts(bare, Split.make(1, 20, 1)) is None
   assert got["prefill_loads"] == 2
+
+
+def _trace(num_requests, tokens_each=3):
+  n = num_requests * tokens_each
+  request = np.repeat(np.arange(num_requests), tokens_each)
+  return RoutingTrace(step=np.arange(n), request=request,
+                      phase=np.full(n, DECODE),
+                      position=np.tile(np.arange(tokens_each), num_requests),
+                      ids=(request % 4)[:, None, None] * np.ones((1, 1, 2),
+                                                                int) +
+                      np.array([0, 4]),
+                      weights=np.full((n, 1, 2), 0.5), num_experts=8)
+
+
+def test_half_samples_take_whole_requests():
+  trace = _trace(10)
+  halves = model_check.half_samples(trace, 3, seed=0)
+  assert len(halves) == 3
+  chosen = [tuple(np.unique(h.request)) for h in halves]
+  for ids, half in zip(chosen, halves):
+    assert len(ids) == 5
+    # Every event of a chosen request, and its routing, is kept.
+    keep = np.isin(trace.request, ids)
+    assert np.array_equal(half.ids, trace.ids[keep])
+    assert np.array_equal(half.position, trace.position[keep])
+  assert len(set(chosen)) > 1  # independent draws
+  assert [tuple(np.unique(h.request)) for h in
+          model_check.half_samples(trace, 3, seed=0)] == chosen
+  with pytest.raises(ValueError, match="at least 4"):
+    model_check.half_samples(_trace(3), 2, seed=0)
+
+
+def test_relative_spread_by_hand():
+  whole = {"decode_misses": 2.0, "batch": 4.0, "preemptions": 0.0}
+  parts = [{"decode_misses": 2.2, "batch": 4.0, "preemptions": 0.1},
+           {"decode_misses": 1.6, "batch": 4.0, "preemptions": 0.0}]
+  got = model_check.relative_spread(whole, parts)
+  assert got["decode_misses"] == pytest.approx(np.sqrt((0.1**2 + 0.2**2) / 2))
+  assert got["batch"] == 0.0
+  assert np.isnan(got["preemptions"])  # no rate to be relative to
+  assert np.isnan(model_check.relative_spread(whole, [])["batch"])
+
+
+def _row(error, executed_se, profile_se, tag="held"):
+  names = [m for m, _ in model_check.METRICS]
+  return {"set": tag, "error": dict.fromkeys(names, error),
+          "executed_relative_se": dict.fromkeys(names, executed_se),
+          "profile_relative_se": None if profile_se is None else
+          dict.fromkeys(names, profile_se)}
+
+
+def test_agreement_counts_each_criterion():
+  rows = [_row(0.04, 0.01, 0.01),    # within 5%
+          _row(0.12, 0.07, 0.01),    # within 2 executed SE
+          _row(0.20, 0.06, 0.08),    # within 2 SE of the difference only
+          _row(0.30, 0.06, 0.08),    # outside every criterion
+          _row(0.50, 0.0, 0.0, tag="fit")]
+  got = model_check._agreement(rows, "held")["decode_misses"]
+  assert got["runs"] == 4
+  assert got["worst_abs_error"] == 0.30
+  assert got["within_5pct"] == 1
+  assert got["within_5pct_or_2se"] == 2
+  assert got["within_5pct_or_2se_both"] == 3
+  assert got["median_profile_relative_se"] == pytest.approx(0.045)
+  # Without half samples there is no profile error to judge by.
+  bare = model_check._agreement([_row(0.2, 0.06, None)], "held")
+  assert bare["decode_misses"]["within_5pct_or_2se_both"] is None
+  assert bare["decode_misses"]["within_5pct_or_2se"] == 0

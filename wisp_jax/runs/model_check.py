@@ -7,6 +7,9 @@ every split (uniform slots, KV blocks):
   1. profile: the routing of *other* requests of the same distribution
      (another prompt seed), recorded with `serving.record.record`, gives
      the routing curves, as the offline configurator would get them;
+     `half_samples` random halves of those requests give each
+     prediction's request-sampling standard error (`profile_relative_se`:
+     how far another profile of the same size would move it);
   2. execute: the serving engine serves a closed loop of C requests (a
      finished request is replaced at once) with max batch C; a wrapper
      around the executor counts every pass (prefill or decode, its rows,
@@ -19,7 +22,9 @@ every split (uniform slots, KV blocks):
      use, and modelled seconds per output token (each side's counts priced
      by the same `sim.cost.step_cost`), with each executed rate's
      standard error (batch means, `relative_standard_errors`): where it
-     exceeds 2.5%, a 5% agreement is below the run's own noise;
+     exceeds 2.5%, a 5% agreement is below the run's own noise. Its
+     parts span different requests, so it holds the served requests'
+     sampling too; with the profile's, it bounds what a run resolves;
   5. decompose the traffic error (`decomposition`: decode misses per
      decode pass and copies per prefill pass, each step closer to the
      engine): the prediction; the prediction with curves profiled on the
@@ -68,6 +73,7 @@ from wisp_jax.serving.engine import Engine
 from wisp_jax.sim import cost
 from wisp_jax.sim.hardware import get_profile
 from wisp_jax.traces.trace import PREFILL
+from wisp_jax.traces.trace import RoutingTrace
 
 # (name, what the model predicts, what the engine executed).
 METRICS = (
@@ -87,7 +93,8 @@ ABSOLUTE = {"preemptions": 0.01}
 @dataclasses.dataclass
 class Pass:
   """One executed forward pass (`needed`: `[L, E]` its needed experts, from
-  the pager's last-use ticks; None where the policy keeps none)."""
+  the pager's last-use ticks; None where the policy keeps none;
+  `recompute`: a prefill of a preempted request's prompt and output)."""
   kind: str
   rows: int
   context: int
@@ -95,6 +102,7 @@ class Pass:
   misses: int
   loads: int
   needed: np.ndarray | None = None
+  recompute: bool = False
 
 
 class PassRecorder:
@@ -120,7 +128,8 @@ class PassRecorder:
                                          state.tick))
         needed = np.asarray(last_use) == int(tick) - 1  # this pass's tick
       self.passes.append(Pass(kind, len(rows), context, hits, misses, loads,
-                              needed))
+                              needed, kind == "prefill" and
+                              rows[0].counter > 0))
       return out
 
     self.executor.run = run
@@ -138,25 +147,69 @@ def make_model(preset: str, seed: int, dtype: str) -> MoEModel:
 def make_requests(wc, vocab_size: int, seed: int):
   return request_stream.synthetic_workload(
       wc.num_requests, (wc.prompt_len_min, wc.prompt_len_max),
-      (wc.output_len_min, wc.output_len_max), "all", 1.0, vocab_size, 0.0,
-      seed)
+      (wc.output_len_min, wc.output_len_max), "all", 1.0, vocab_size,
+      wc.temperature, seed)
 
 
-def profile_curves(model: MoEModel, wc, seed: int, requests=None):
-  """Routing curves of `profile_requests` other requests (recorded in
-  waves of 8, each cut to its own output length), or of `requests`."""
+def profile_trace(model: MoEModel, wc, seed: int, requests=None
+                  ) -> RoutingTrace:
+  """The routing of `profile_requests` other requests (recorded in waves
+  of 8 at the workload's temperature, each cut to its own output length),
+  or of `requests`."""
   if requests is None:
     requests = make_requests(dict_to_config(
         wc, num_requests=wc.profile_requests), model.config.vocab_size, seed)
   longest = max(r.max_new_tokens for r in requests)
   trace = record_lib.record(model, [r.prompt for r in requests], longest, 8,
-                            equal_length=False,
+                            equal_length=False, temperature=wc.temperature,
+                            seed=seed,
                             source=f"model_check profile seed {seed}")
   last = {i: len(r.prompt) + r.max_new_tokens - 1
           for i, r in enumerate(requests)}
   keep = (trace.phase == PREFILL) | (trace.position < np.vectorize(
       last.get)(trace.request))
-  return curves_from_trace(trace.select(keep))
+  return trace.select(keep)
+
+
+def profile_curves(model: MoEModel, wc, seed: int, requests=None):
+  """The routing curves of `profile_trace`."""
+  return curves_from_trace(profile_trace(model, wc, seed, requests))
+
+
+def half_samples(trace: RoutingTrace, count: int, seed: int
+                 ) -> list[RoutingTrace]:
+  """`count` random halves of `trace`'s requests (each its own draw)."""
+  ids = np.unique(trace.request)
+  if ids.size < 4:
+    raise ValueError(f"half samples need at least 4 profiled requests, got "
+                     f"{ids.size}.")
+  rng = np.random.default_rng(seed)
+  return [trace.select(np.isin(trace.request, rng.choice(
+      ids, ids.size // 2, replace=False))) for _ in range(count)]
+
+
+def relative_spread(whole: dict[str, float], parts: list[dict[str, float]]
+                    ) -> dict[str, float]:
+  """Per rate, the root mean square of `parts`' values about `whole`'s,
+  over `whole`'s (NaN where `whole` is zero or there are no parts)."""
+  return {name: float(np.sqrt(np.mean([(p[name] / value - 1.0) ** 2
+                                       for p in parts])))
+          if value and parts else float("nan")
+          for name, value in whole.items()}
+
+
+def sampling_relative_errors(workload: Workload, halves, splits,
+                             max_batch: int) -> list[dict[str, float]]:
+  """Per split, each predicted rate's request-sampling standard error over
+  its value: the `relative_spread` of the predictions from the profile's
+  half samples about the whole profile's (a half's deviation from the
+  whole has about the whole's sampling variance)."""
+  parts = [dataclasses.replace(workload, curves=curves_from_trace(h),
+                               name=f"{workload.name} (half {i})")
+           for i, h in enumerate(halves)]
+  return [relative_spread(predicted_rates(workload, s, max_batch),
+                          [predicted_rates(w, s, max_batch) for w in parts])
+          for s in splits]
 
 
 def dict_to_config(wc, **changes):
@@ -359,31 +412,56 @@ def _decomposition_table(rows) -> str:
     error = relative_error(metric, d[step][metric], d["executed"][metric])
     return f"{error:+.1%}"
 
+  def se(r, key, metric):
+    value = (r[key] or {}).get(metric, float("nan"))
+    return f"{value:.1%}" if np.isfinite(value) else "-"
+
   return reports.text_table(
-      ["workload", "slots", "KV", "metric"] + list(steps),
+      ["workload", "slots", "KV", "metric"] + list(steps) +
+      ["SE executed", "SE profile"],
       [[r["workload"], r["slots"], r["kv_blocks"], m] +
-       [cell(r, step, m) for step in steps] for r in rows for m in DECOMPOSED])
+       [cell(r, step, m) for step in steps] +
+       [se(r, "executed_relative_se", m), se(r, "profile_relative_se", m)]
+       for r in rows for m in DECOMPOSED])
 
 
 def _agreement(rows, tag: str) -> dict[str, Any]:
-  """Per metric: the errors' worst and median, the runs within 5%, and
-  (`within_5pct_or_2se`) those within 5% or within two standard errors of
-  the executed rate (a 5% target that the run's own sampling noise cannot
-  resolve), with the median relative standard error."""
+  """Per metric: the errors' worst and median, the runs within 5%, those
+  within 5% or within two standard errors of the executed rate
+  (`within_5pct_or_2se`: a 5% target that the run's own sampling noise
+  cannot resolve), and those within 5% or two standard errors of the
+  difference (`within_5pct_or_2se_both`: the executed rate's and the
+  profile's request sampling, taken as independent; None without half
+  samples), with the median relative standard errors."""
   chosen = [r for r in rows if r["set"] == tag]
+  sampled = all(r["profile_relative_se"] is not None for r in chosen)
   out = {}
   for name, _ in METRICS:
     errors = [abs(r["error"][name]) for r in chosen]
     noise = [r["executed_relative_se"][name] for r in chosen]
+    profile = [r["profile_relative_se"][name] if sampled else float("nan")
+               for r in chosen]
+    both = [float(np.hypot(se, p if np.isfinite(p) else 0.0))
+            for se, p in zip(noise, profile)]
+
+    def within(ses):
+      return sum(e <= 0.05 or (np.isfinite(se) and e <= 2 * se)
+                 for e, se in zip(errors, ses))
+
+    def median(ses):
+      return (float(np.nanmedian(ses)) if errors and np.isfinite(ses).any()
+              else None)
+
     out[name] = {"worst_abs_error": max(errors) if errors else None,
                  "median_abs_error": float(np.median(errors)) if errors
                  else None,
                  "within_5pct": sum(e <= 0.05 for e in errors),
-                 "within_5pct_or_2se": sum(
-                     e <= 0.05 or (np.isfinite(se) and e <= 2 * se)
-                     for e, se in zip(errors, noise)),
-                 "median_relative_se": float(np.nanmedian(noise))
-                 if errors and np.isfinite(noise).any() else None,
+                 "within_5pct_or_2se": within(noise),
+                 "within_5pct_or_2se_both": within(both) if sampled
+                 else None,
+                 "median_relative_se": median(noise),
+                 "median_profile_relative_se": median(profile) if sampled
+                 else None,
                  "runs": len(errors)}
   return out
 
@@ -401,7 +479,8 @@ def run(config: ml_collections.ConfigDict,
         models[wc.preset] = make_model(wc.preset, config.seed, config.dtype)
       model = models[wc.preset]
       mc = model.config
-      curves = profile_curves(model, wc, wc.seed + 1000)
+      profile = profile_trace(model, wc, wc.seed + 1000)
+      curves = curves_from_trace(profile)
       requests = make_requests(wc, mc.vocab_size, wc.seed)
       own_curves = profile_curves(model, wc, wc.seed, requests)
       prompt = np.array([len(r.prompt) for r in requests])
@@ -415,7 +494,11 @@ def run(config: ml_collections.ConfigDict,
                                 name=f"{name} (own routing)")
       splits = splits_of(wc, mc.num_layers)
       num_slots = max(max(s.slots_per_layer) for s in splits)
-      for split in splits:
+      sampling = sampling_relative_errors(
+          workload, half_samples(profile, config.half_samples,
+                                 wc.seed + 2000), splits, wc.concurrency
+      ) if config.half_samples else [None] * len(splits)
+      for split, profile_se in zip(splits, sampling):
         executed = serve(model, requests, split, wc, num_slots,
                          config.warmup_steps)
         got = executed_rates(executed["steps"], mc, hardware,
@@ -435,6 +518,7 @@ def run(config: ml_collections.ConfigDict,
                "slots": split.slots_per_layer[0], "kv_blocks":
                split.kv_blocks, "steady_steps": executed["num_steps"],
                "executed": got, "executed_relative_se": noise,
+               "profile_relative_se": profile_se,
                "predicted": want,
                "error": {k: relative_error(k, want[k], got[k])
                          for k in got},
@@ -468,5 +552,11 @@ def run(config: ml_collections.ConfigDict,
           "the executed rate): " + ", ".join(
               f"{m} {v['within_5pct']}/{v['runs']} "
               f"({v['within_5pct_or_2se']}/{v['runs']})" for m, v in held))
+  if all(v["within_5pct_or_2se_both"] is not None for _, v in held):
+    text += ("\nheld-aside runs within 5% or 2 standard errors of the "
+             "difference (the executed rate's and the profile's request "
+             "sampling): " + ", ".join(
+                 f"{m} {v['within_5pct_or_2se_both']}/{v['runs']}"
+                 for m, v in held))
   logging.info("\n%s", text)
   return reports.Report(summary, text)

@@ -51,16 +51,20 @@ def concatenate(traces: Sequence[RoutingTrace], source: str = ""
 
 def record(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            batch_size: int, *, equal_length: bool = True,
+           temperature: float = 0.0, seed: int = 0,
            source: str = "wisp_jax.serving.record") -> RoutingTrace:
   """Runs `generate` over `prompts` in waves and records the routing.
 
   Args:
     model: a `MoEModel`.
     prompts: token-id sequences.
-    max_new_tokens: tokens generated per prompt (greedy).
+    max_new_tokens: tokens generated per prompt.
     batch_size: prompts served together (rows of a wave).
     equal_length: cut each wave's prompts to its shortest prompt, so no
       row is padded and replay equals the live pager exactly.
+    temperature: 0 for greedy decoding, > 0 to sample.
+    seed: prompt i samples like a lone request with seed `seed + i` (what
+      the serving engine draws for it).
     source: provenance stored in the trace.
 
   Returns:
@@ -78,7 +82,8 @@ def record(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     if equal_length:
       shortest = min(row.size for row in rows)
       rows = [row[:shortest] for row in rows]
-    out = generate(model, rows, max_new_tokens, record_routing=True)
+    out = generate(model, rows, max_new_tokens, temperature, seed + first,
+                   record_routing=True)
     waves.append(from_generate(out, model.config, request_ids=np.arange(
         first, first + len(rows)), source=source))
   return concatenate(waves, source)
