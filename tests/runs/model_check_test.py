@@ -169,3 +169,17 @@ def test_agreement_counts_each_criterion():
   bare = model_check._agreement([_row(0.2, 0.06, None)], "held")
   assert bare["decode_misses"]["within_5pct_or_2se_both"] is None
   assert bare["decode_misses"]["within_5pct_or_2se"] == 0
+
+
+def test_recompute_rates_split_prefills_by_kind():
+  window = [(None, [P("prefill", 1, 12, 0, 6, 6),
+                    P("prefill", 1, 20, 0, 2, 2, recompute=True),
+                    P("decode", 2, 30, 2, 2, 2)]),
+            (None, [P("prefill", 1, 12, 0, 4, 4)])]
+  got = model_check.recompute_rates(window)
+  assert got["recompute_share"] == pytest.approx(1 / 3)
+  assert got["new_prefill_loads"] == 5.0
+  assert got["recompute_prefill_loads"] == 2.0
+  fresh = model_check.recompute_rates(window[1:])
+  assert fresh["recompute_share"] == 0.0
+  assert np.isnan(fresh["recompute_prefill_loads"])

@@ -32,7 +32,9 @@ every split (uniform slots, KV blocks):
      averaged over the executed decode batch sizes at the executed prefill
      rate (the KV dynamics); Mattson's counting (`alloc.steady`) replayed
      on the executed passes' own needed sets (the counting); and the
-     engine.
+     engine. The executed prefills are also split by kind
+     (`recompute_rates`): a recompute re-admits a preempted request, and
+     the model prices it as a new prefill.
 
 Workloads tagged `fit` were used to fix the model; `held` ones were not
 (the report gives the agreement of each set). Writes `config.json`,
@@ -279,6 +281,19 @@ def executed_rates(window, model_config, hardware, bytes_per_param: int
       "seconds_per_token": seconds / tokens}
 
 
+def recompute_rates(window) -> dict[str, float]:
+  """The executed prefills by kind: the share that re-admit a preempted
+  request (`recompute_share`) and the expert copies per new and per
+  recompute prefill (NaN where there is none of the kind). The model
+  prices both kinds as a new prefill."""
+  prefill = [p for _, ps in window for p in ps if p.kind == "prefill"]
+  loads = lambda again: [p.loads for p in prefill if p.recompute == again]
+  mean = lambda x: float(np.mean(x)) if x else float("nan")
+  return {"recompute_share": mean([p.recompute for p in prefill]),
+          "new_prefill_loads": mean(loads(False)),
+          "recompute_prefill_loads": mean(loads(True))}
+
+
 def relative_standard_errors(window, model_config, hardware,
                              bytes_per_param: int, chunks: int = 10
                              ) -> dict[str, float]:
@@ -416,12 +431,18 @@ def _decomposition_table(rows) -> str:
     value = (r[key] or {}).get(metric, float("nan"))
     return f"{value:.1%}" if np.isfinite(value) else "-"
 
+  def recomputes(r, metric):
+    share = r["executed_prefills"]["recompute_share"]
+    return (f"{share:.0%}" if metric == "prefill_loads" and
+            np.isfinite(share) else "-")
+
   return reports.text_table(
       ["workload", "slots", "KV", "metric"] + list(steps) +
-      ["SE executed", "SE profile"],
+      ["SE executed", "SE profile", "recomputes"],
       [[r["workload"], r["slots"], r["kv_blocks"], m] +
        [cell(r, step, m) for step in steps] +
-       [se(r, "executed_relative_se", m), se(r, "profile_relative_se", m)]
+       [se(r, "executed_relative_se", m), se(r, "profile_relative_se", m),
+        recomputes(r, m)]
        for r in rows for m in DECOMPOSED])
 
 
@@ -518,6 +539,7 @@ def run(config: ml_collections.ConfigDict,
                "slots": split.slots_per_layer[0], "kv_blocks":
                split.kv_blocks, "steady_steps": executed["num_steps"],
                "executed": got, "executed_relative_se": noise,
+               "executed_prefills": recompute_rates(steps_window),
                "profile_relative_se": profile_se,
                "predicted": want,
                "error": {k: relative_error(k, want[k], got[k])
@@ -541,7 +563,8 @@ def run(config: ml_collections.ConfigDict,
        [f"{r['error'][m]:+.1%}" for m, _ in METRICS] for r in rows])
   table += ("\n\ntraffic error by cause (profiled on other requests -> on "
             "the served requests -> their curves at the executed batch mix "
-            "-> the model's counting of the executed passes):\n"
+            "-> the model's counting of the executed passes; recomputes: "
+            "the executed prefills that re-admit a preempted request):\n"
             + _decomposition_table(rows))
   held = summary["agreement"]["held"].items()
   text = ("predicted / executed - 1 per run:\n" + table + "\n\nworst |error| "
