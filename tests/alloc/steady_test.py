@@ -90,3 +90,70 @@ def test_default_stream_serves_level_requests_at_every_level():
         routing, np.full(10, 8), np.full(10, 11), level)
     starts = np.sum((kinds == steady.PREFILL_PASS) & measured)
     assert starts >= 0.95 * steady.LEVEL_REQUESTS
+
+
+def _applied(masks, kinds):
+  keep = np.isin(kinds, (steady.DECODE_PASS, steady.PREFILL_PASS))
+  return masks[keep], kinds[keep]
+
+
+def test_recompute_probes_leave_the_other_passes_and_counts_alone():
+  routing = marked_routing([30] * 6)
+  args = (routing, np.full(10, 8), np.full(10, 11), 3, 200, 10)
+  plain = steady.engine_stream(*args, seed=4)
+  probed = steady.engine_stream(*args, seed=4, probes=True)
+  assert (probed[1] == steady.RECOMPUTE_PROBE).sum() > 10
+  for got, want in zip(_applied(*probed[:2]), plain[:2]):
+    assert np.array_equal(got, want)
+  decode, prefill, _ = steady.lru_pass_counts(*probed, num_kinds=3)
+  want = steady.lru_pass_counts(*plain)
+  for got_counts, want_counts in zip((decode, prefill), want):
+    assert got_counts.passes == want_counts.passes
+    assert np.array_equal(got_counts.misses, want_counts.misses)
+    assert np.array_equal(got_counts.loads, want_counts.loads)
+
+
+def test_a_probe_re_prefills_a_running_request_with_its_prompt():
+  # Each probe needs one trace request's prompt expert and its decode
+  # expert, of a request that was running `wait` steps before (three
+  # lanes, outputs of 11: wait = round(10 / 3) = 3 steps).
+  masks, kinds, _ = steady.engine_stream(
+      marked_routing([30] * 6), np.full(10, 8), np.full(10, 11), 3, 200,
+      warmup=10, seed=4, probes=True)
+  decode_steps = np.flatnonzero(kinds == steady.DECODE_PASS)
+  for i in np.flatnonzero(kinds == steady.RECOMPUTE_PROBE):
+    need = np.flatnonzero(masks[i, 0])
+    assert need.tolist() == [need[0], need[0] + PROMPT] and need[0] < PROMPT
+    step = np.searchsorted(decode_steps, i)  # the step it comes before
+    assert masks[decode_steps[step - 3], 0, need[0]]
+    # Its window, the 3 steps before it: a shadow pass before each pass,
+    # the first a SHADOW_START.
+    start = np.flatnonzero(kinds[:i] == steady.SHADOW_START)[-1]
+    assert decode_steps[step - 4] < start < decode_steps[step - 3]
+    window = kinds[start:i]
+    assert np.all(np.isin(window[0::2], (steady.SHADOW_START,
+                                         steady.SHADOW_PASS)))
+    assert np.all(np.isin(window[1::2], (steady.DECODE_PASS,
+                                         steady.PREFILL_PASS)))
+    assert (window[1::2] == steady.DECODE_PASS).sum() == 3
+
+
+def test_a_probe_sees_the_shadow_stacks_and_moves_nothing():
+  # One layer, E=3, by hand (nothing referenced: 0 on top, then 1, 2).
+  # The real passes use 0 then 0; the shadow (the batch without the
+  # victim) used 2 in between, so the probe of 0 finds it second, where
+  # the real stack has it on top. The probe and the shadow move nothing:
+  # the last decode pass finds 2 at the bottom.
+  def one(*experts):
+    mask = np.zeros((1, 3), bool)
+    mask[0, list(experts)] = True
+    return mask
+  masks = np.stack([one(0), one(2), one(0), one(0), one(2)])
+  kinds = np.array([steady.DECODE_PASS, steady.SHADOW_START,
+                    steady.DECODE_PASS, steady.RECOMPUTE_PROBE,
+                    steady.DECODE_PASS])
+  decode, prefill, probe = steady.lru_pass_counts(
+      masks, kinds, np.ones(5, bool), num_kinds=3)
+  assert decode.passes == 3 and prefill.passes == 0 and probe.passes == 1
+  assert decode.misses[0].tolist() == [3, 1, 1, 0]
+  assert probe.misses[0].tolist() == [1, 1, 0, 0]

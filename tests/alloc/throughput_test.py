@@ -60,6 +60,26 @@ def test_tight_pool_lowers_the_batch_and_preempts():
   assert tight.tokens_per_s < roomy.tokens_per_s
 
 
+def test_recompute_prefills_are_priced_by_their_own_curve():
+  w = make_workload(MISSES, concurrency=4, prompt=np.arange(4, 36, 2),
+                    output=np.arange(24, 8, -1))
+  split = throughput.Split.make(4, 16, 2)
+  op = throughput.operating_point(w, 4, 16)
+  new, again = float(op["new_prefills"]), float(op["recompute_prefills"])
+  assert again > 0  # the tight pool preempts
+  t = throughput.tables(w)
+  # Hand-made curves carry no routing to re-admit: a recompute is priced
+  # as a new prefill.
+  assert np.array_equal(t.curves["recompute_loads"], t.curves["prefill_loads"])
+  before = throughput.prediction(w, split, max_batch=4, fixed=True)
+  t.curves["recompute_loads"] = np.zeros_like(t.curves["prefill_loads"])
+  free = throughput.prediction(w, split, max_batch=4, fixed=True)
+  assert free.prefill_loads_per_prefill == pytest.approx(
+      before.prefill_loads_per_prefill * new / (new + again))
+  assert free.step_seconds == pytest.approx(
+      before.step_seconds - t.tau * again * before.prefill_loads_per_prefill)
+
+
 def test_more_kv_never_hurts_and_saturates_at_demand():
   w = make_workload(np.tile(np.array(MISSES, float), (3, 1, 1)) *
                     np.array([1, 1.5, 2])[:, None, None], concurrency=3,

@@ -141,14 +141,16 @@ def _curve_terms(workload: Workload, n: int, kv: np.ndarray):
   return op, lo, hi, frac, prefills
 
 
-def _layer_loads(t, lo, hi, frac, decodes, prefills) -> np.ndarray:
+def _layer_loads(t, lo, hi, frac, op, prefills) -> np.ndarray:
   """`[T, L, E + 1]` loads per step of every layer and capacity."""
   cv = t.curves
   mix = lambda name: ((1 - frac)[:, None, None] * cv[name][lo] +
                       frac[:, None, None] * cv[name][hi])
-  return (decodes[:, None, None] * mix("decode_loads") +
-          prefills[:, None, None] * (mix("prefill_loads") +
-                                     mix("eviction_loads")))
+  rate = lambda v: np.asarray(v, np.float64)[:, None, None]
+  return (rate(op["decodes"]) * mix("decode_loads") +
+          rate(op["new_prefills"]) * mix("prefill_loads") +
+          rate(op["recompute_prefills"]) * mix("recompute_loads") +
+          rate(prefills) * mix("eviction_loads"))
 
 
 def _score(t, workload, n, kv, caps) -> np.ndarray:
@@ -161,8 +163,10 @@ def _score(t, workload, n, kv, caps) -> np.ndarray:
     return ((1 - frac)[:, None] * cv[name][lo[:, None], rows, caps] +
             frac[:, None] * cv[name][hi[:, None], rows, caps]).sum(axis=1)
 
-  loads = op["decodes"] * at("decode_loads") + prefills * (
-      at("prefill_loads") + at("eviction_loads"))
+  loads = (op["decodes"] * at("decode_loads") +
+           op["new_prefills"] * at("prefill_loads") +
+           op["recompute_prefills"] * at("recompute_loads") +
+           prefills * at("eviction_loads"))
   return (op["base_seconds"] + t.tau * loads) / op["tokens"]
 
 
@@ -201,7 +205,7 @@ def oracle(workload: Workload, budget: Budget, uniform: bool = False
       caps = np.zeros((totals.size, num_layers), np.int64)
       for g in np.unique(ends):
         op, lo, hi, frac, prefills = _curve_terms(w, n, grid[g:g + 1])
-        curve = _layer_loads(t, lo, hi, frac, op["decodes"], prefills)[0]
+        curve = _layer_loads(t, lo, hi, frac, op, prefills)[0]
         _, choice = min_layer_misses(curve, k, max_total)
         dps += 1
         pick = np.flatnonzero((ends == g).any(axis=0))
@@ -215,7 +219,7 @@ def oracle(workload: Workload, budget: Budget, uniform: bool = False
       inside = np.flatnonzero(kv < grid[-1])
       for i in inside[np.argsort(score[inside])[:REFINE]]:
         op, lo, hi, frac, prefills = _curve_terms(w, n, kv[i:i + 1])
-        curve = _layer_loads(t, lo, hi, frac, op["decodes"], prefills)[0]
+        curve = _layer_loads(t, lo, hi, frac, op, prefills)[0]
         _, choice = min_layer_misses(curve, k, max_total)
         dps += 1
         cand = caps_for_totals(choice, totals[i:i + 1])

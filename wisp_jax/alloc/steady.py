@@ -22,7 +22,11 @@ replays that order on routing taken from a trace:
   * lanes start at random points of their first request, and a warm-up
     is not counted; the caches start with every expert in id order below
     anything referenced, so nothing is cold: the counts are those of a
-    cache that has run forever (steady state).
+    cache that has run forever (steady state);
+  * recompute probes (`engine_stream(probes=True)`): the prefill that
+    re-admits a preempted request (its prompt and its output so far),
+    counted against the caches as they are had the request left the
+    batch a wait before, and not applied.
 
 `lru_pass_counts` is Mattson's one pass (`sim.mrc`'s reference model) over
 the passes, counting every capacity at once, plus the pager's overflow
@@ -35,7 +39,8 @@ planner's replay). Loads = misses + those reloads.
 From one stream with prefill passes and one with the decode passes alone
 (the same tokens), per level n: decode misses/loads per decode pass
 without prefills, the decode misses/loads each prefill pass adds by
-evicting the decode working set, and the misses/loads of a prefill pass.
+evicting the decode working set, the misses/loads of a new request's
+prefill pass, and those of a recompute prefill.
 """
 
 from __future__ import annotations
@@ -48,7 +53,12 @@ import numpy as np
 
 from wisp_jax.traces.trace import PREFILL, RoutingTrace
 
-DECODE_PASS, PREFILL_PASS = 0, 1
+DECODE_PASS, PREFILL_PASS, RECOMPUTE_PROBE = 0, 1, 2
+# Not counted: a recompute probe's view of the caches (`engine_stream`).
+SHADOW_START, SHADOW_PASS = 3, 4
+# Recompute probes of a level's stream are this many probe windows
+# (`engine_stream`) apart: each window doubles the passes in it.
+PROBE_SPACING = 3
 
 # Requests a level's stream serves by default. A stream's counts vary
 # with the requests it draws, about as one over the root of their number;
@@ -134,14 +144,27 @@ class RequestRouting:
 
 def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
                   lanes: int, steps: int, warmup: int, seed: int = 0,
-                  prefills: bool = True
+                  prefills: bool = True, probes: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The engine's passes for `lanes` running requests.
 
+  With `probes`, a RECOMPUTE_PROBE every `PROBE_SPACING` (`wait` + 1)
+  measured steps: the prefill that re-admits a preempted request. The scheduler preempts the most recently admitted request and
+  re-admits it once a finished one frees blocks, about `wait` = (mean
+  output - 1) / lanes steps later (the time between two ends). So the
+  probe at step t, before that step's passes, needs the prompt's experts
+  and those of the decode tokens up to step t - `wait` of the request the
+  newest lane ran then, and sees the caches as they would be had that
+  request left the batch at t - `wait`: SHADOW_START and SHADOW_PASS
+  passes, one before each pass of those steps, carry the same masks but
+  the victim's decode tokens. Probes and shadow passes are not applied:
+  the other passes' counts do not depend on them (`lru_pass_counts`).
+
   Returns:
     masks `[P, L, E]` bool needed experts of each pass, kinds `[P]`
-    (DECODE_PASS or PREFILL_PASS) and measured `[P]` bool (False during
-    the first `warmup` steps).
+    (DECODE_PASS, PREFILL_PASS, RECOMPUTE_PROBE, SHADOW_START or
+    SHADOW_PASS) and measured `[P]` bool (False during the first `warmup`
+    steps).
   """
   rng = np.random.default_rng(seed)
   p_all = np.asarray(prompt_lens, np.int64)
@@ -155,6 +178,10 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
   total_steps = warmup + steps
   num_tokens, num_layers, _ = routing.tokens.shape
   token_at = np.zeros((lanes, total_steps), np.int64)
+  # Each lane's request, its prompt length and the step it started.
+  request_at = np.zeros((lanes, total_steps), np.int64)
+  prompt_at = np.zeros((lanes, total_steps), np.int64)
+  started_at = np.zeros((lanes, total_steps), np.int64)
   starts: list[list[tuple[int, int, int]]] = [[] for _ in range(total_steps)]
   samples = _cycled_permutations(rng, p_all.size)
   uses = np.zeros(routing.num_requests, np.int64)
@@ -181,6 +208,9 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
     take = min(length - skip, total_steps - t)
     token_at[lane, t:t + take] = (routing.starts[r] + skip +
                                   np.arange(take)) % num_tokens
+    request_at[lane, t:t + take] = r
+    prompt_at[lane, t:t + take] = p_all[i]
+    started_at[lane, t:t + take] = t - skip
     holder[lane], ends[lane] = r, t + take
     if t + take < total_steps:
       heapq.heappush(free, (t + take, lane))
@@ -188,15 +218,50 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
   decode = np.zeros((total_steps, num_layers, routing.num_experts), bool)
   ids = routing.tokens[token_at]  # [lanes, S, L, K]
   decode[np.arange(total_steps)[None, :, None, None], layer, ids] = True
+  wait = max(1, int(round(float(np.maximum(o_all - 1, 1).mean()) / lanes)))
+  every = PROBE_SPACING * (wait + 1) if probes else 0
+  layers = np.arange(num_layers)[None, :, None]
+  # Probe step -> its mask; each step of a probe's window -> the victim's
+  # lane (-1 once the victim's request has ended).
+  probes, window = {}, {}
+  if every:
+    for t in range(warmup + wait, total_steps, every):
+      s = t - wait
+      lane = int(np.argmax(started_at[:, s]))
+      r = int(request_at[lane, s])
+      # Its context then: the prompt and the decode inputs up to step s's.
+      done = (token_at[lane, s] - routing.starts[r]) % num_tokens + 1
+      mask = routing.prompt_mask(r, int(prompt_at[lane, s])).copy()
+      mask[layers, routing.tokens[(routing.starts[r] + np.arange(done)) %
+                                  num_tokens]] = True
+      probes[t] = mask
+      for u in range(s, t):
+        window[u] = lane if request_at[lane, u] == r else -1
   masks, kinds, measured = [], [], []
+  shadow = SHADOW_START
   for t in range(total_steps):
-    for _, r, p in starts[t]:
-      masks.append(routing.prompt_mask(r, p))
-      kinds.append(PREFILL_PASS)
+    if t in probes:
+      masks.append(probes[t])
+      kinds.append(RECOMPUTE_PROBE)
+      measured.append(True)
+      shadow = SHADOW_START
+    passes = [(routing.prompt_mask(r, p), PREFILL_PASS)
+              for _, r, p in starts[t]] + [(decode[t], DECODE_PASS)]
+    lane = window.get(t)
+    without = decode[t]
+    if lane is not None and lane >= 0:
+      without = np.zeros_like(decode[t])
+      without[layers, routing.tokens[token_at[np.delete(
+          np.arange(lanes), lane), t]]] = True
+    for mask, kind in passes:
+      if lane is not None:
+        masks.append(without if kind == DECODE_PASS else mask)
+        kinds.append(shadow)
+        measured.append(False)
+        shadow = SHADOW_PASS
+      masks.append(mask)
+      kinds.append(kind)
       measured.append(t >= warmup)
-    masks.append(decode[t])
-    kinds.append(DECODE_PASS)
-    measured.append(t >= warmup)
   return np.stack(masks), np.asarray(kinds), np.asarray(measured)
 
 
@@ -246,7 +311,10 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
                     measured: np.ndarray, num_kinds: int = 2,
                     per_expert: bool = False) -> list[PassCounts]:
   """Mattson's pass over `masks` `[P, L, E]`, counts per kind of pass
-  (with `per_expert`, also each expert's misses at every capacity)."""
+  (with `per_expert`, also each expert's misses at every capacity). A
+  RECOMPUTE_PROBE pass is counted on the stacks of the shadow passes
+  before it (SHADOW_START copies the stacks, SHADOW_PASS moves the copy;
+  neither is counted) and leaves the stacks as they were."""
   num_passes, num_layers, num_experts = masks.shape
   width = num_experts + 1
   if per_expert:
@@ -263,11 +331,17 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
   count = np.zeros(num_kinds, np.int64)
   position = np.empty((num_layers, num_experts), np.int64)
   ranks = np.broadcast_to(np.arange(num_experts), (num_layers, num_experts))
+  shadow = last
   for i in range(num_passes):
     need = masks[i]
+    if kinds[i] in (SHADOW_START, SHADOW_PASS):
+      if kinds[i] == SHADOW_START:
+        shadow = last.copy()
+      shadow[need] = i
+      continue
     if measured[i]:
       kind = kinds[i]
-      key = last * num_experts + tie
+      key = (shadow if kind == RECOMPUTE_PROBE else last) * num_experts + tie
       np.put_along_axis(position, np.argsort(-key, axis=1), ranks, axis=1)
       hist[kind] += np.bincount((flat + position)[need],
                                 minlength=num_layers * width)
@@ -285,7 +359,8 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
             (flat + rank)[reload], minlength=num_layers * width,
             weights=np.minimum(rank, size[:, None] - rank)[reload])
       count[kind] += 1
-    last[need] = i
+    if kinds[i] != RECOMPUTE_PROBE:
+      last[need] = i
   out = []
   for kind in range(num_kinds):
     h = hist[kind].reshape(num_layers, width)
@@ -307,19 +382,22 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
 
 def level_stream(routing: RequestRouting, prompt_lens, output_lens,
                  level: int, steps: int | None = None,
-                 warmup: int | None = None, seed: int = 0
+                 warmup: int | None = None, seed: int = 0,
+                 probes: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`engine_stream` of one level as `engine_curves` measures it: `steps`
   decode steps (default: enough for `LEVEL_REQUESTS` requests to start,
   and at least 6 mean lifetimes and 400 steps) after `warmup` (default
-  one mean lifetime, at least 32), lanes seeded by the level."""
+  one mean lifetime, at least 32), lanes seeded by the level (with
+  recompute `probes` or not)."""
   o = np.asarray(output_lens, np.int64)
   life = float(np.maximum(o - 1, 1).mean())
   steps = int(steps or max(400, 6 * life,
                            np.ceil(LEVEL_REQUESTS * life / int(level))))
   warmup = int(warmup if warmup is not None else max(32, life))
   return engine_stream(routing, prompt_lens, output_lens, int(level), steps,
-                       warmup, seed + 1000 * int(level))
+                       warmup, seed + 1000 * int(level),
+                       probes=probes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,8 +407,10 @@ class EngineCurves:
   Per decode pass without prefills: `misses`, `loads` `[N, L, E + 1]`,
   `references` `[N, L]`. Per prefill pass: `prefill_misses`,
   `prefill_loads`, `prefill_references`, and the decode misses/loads it
-  adds (`eviction_misses`, `eviction_loads`). `prefill_rate` `[N]`:
-  prefill passes per decode pass in the measured stream.
+  adds (`eviction_misses`, `eviction_loads`). Per recompute prefill (a
+  preempted request re-admitted, `engine_stream`'s probes):
+  `recompute_misses`, `recompute_loads`. `prefill_rate` `[N]`: prefill
+  passes per decode pass in the measured stream.
   """
   concurrency: np.ndarray
   misses: np.ndarray
@@ -342,6 +422,8 @@ class EngineCurves:
   eviction_misses: np.ndarray
   eviction_loads: np.ndarray
   prefill_rate: np.ndarray
+  recompute_misses: np.ndarray | None = None
+  recompute_loads: np.ndarray | None = None
 
 
 def engine_curves(routing: RequestRouting, prompt_lens, output_lens,
@@ -358,11 +440,13 @@ def engine_curves(routing: RequestRouting, prompt_lens, output_lens,
     seed: lane schedules.
   """
   fields = {k: [] for k in ("misses", "loads", "references", "pm", "pl",
-                            "pr", "em", "el", "rate")}
+                            "pr", "em", "el", "rate", "rm", "rl")}
   for n in levels:
     masks, kinds, measured = level_stream(routing, prompt_lens, output_lens,
-                                          n, steps, warmup, seed)
-    decode, prefill = lru_pass_counts(masks, kinds, measured)
+                                          n, steps, warmup, seed,
+                                          probes=True)
+    decode, prefill, probe = lru_pass_counts(masks, kinds, measured,
+                                             num_kinds=3)
     alone = lru_pass_counts(masks[kinds == DECODE_PASS],
                             kinds[kinds == DECODE_PASS],
                             measured[kinds == DECODE_PASS])[DECODE_PASS]
@@ -379,10 +463,13 @@ def engine_curves(routing: RequestRouting, prompt_lens, output_lens,
     fields["em"].append((decode.misses - alone.misses) / per)
     fields["el"].append((decode.loads - alone.loads) / per)
     fields["rate"].append(rate)
+    fields["rm"].append(probe.misses / max(probe.passes, 1))
+    fields["rl"].append(probe.loads / max(probe.passes, 1))
   s = lambda k: np.stack(fields[k])
   return EngineCurves(
       concurrency=np.asarray(levels, np.float64), misses=s("misses"),
       loads=s("loads"), references=s("references"), prefill_misses=s("pm"),
       prefill_loads=s("pl"), prefill_references=s("pr"),
       eviction_misses=s("em"), eviction_loads=s("el"),
-      prefill_rate=np.asarray(fields["rate"]))
+      prefill_rate=np.asarray(fields["rate"]), recompute_misses=s("rm"),
+      recompute_loads=s("rl"))

@@ -20,14 +20,17 @@ split). Per engine step, in steady state:
   experts   per layer l at capacity c_l, at batch m (curves at every
             integer level, interpolated in m):
               decode loads   D_l(c_l)                       per decode pass
-              prefill loads  P_l(c_l)                       per prefill pass
+              prefill loads  P_l(c_l)                       per new prefill
+                             R_l(c_l)     per recompute (a preempted request)
               eviction       V_l(c_l): decode loads a prefill pass adds
             measured in the engine's own pass order (`alloc.steady`);
             curves without prefill data charge a prompt of p tokens
-            u(p) (1 - c/E) loads per layer (uniform routing, no eviction).
+            u(p) (1 - c/E) loads per layer (uniform routing, no eviction),
+            and R = P without per-request routing.
   time      base = d x step_cost(decode, m rows, mean context)
                    + sum over prefills of step_cost(prefill, its context)
-            step = base + tau (d sum_l D_l + q sum_l (P_l + V_l))
+            step = base + tau (d sum_l D_l + q_new sum_l P_l
+                               + q_re sum_l R_l + q sum_l V_l)
             tau = expert bytes / host-to-device bandwidth (transfers are
             not overlapped, as in `sim.cost`).
 
@@ -164,7 +167,8 @@ class Tables:
     tau: seconds to page in one expert.
     curves: `{name: [C, L, E + 1]}` per level n = 1..C: `decode_loads`,
       `decode_misses`, `prefill_loads`, `prefill_misses`,
-      `eviction_loads`, `eviction_misses`; and `[C, L]` `decode_refs`,
+      `recompute_loads`, `recompute_misses`, `eviction_loads`,
+      `eviction_misses`; and `[C, L]` `decode_refs`,
       `prefill_refs`.
     measured_prefill: whether prefill passes were measured (else uniform
       routing fills them in).
@@ -186,7 +190,7 @@ def _level_curves(w: Workload) -> tuple[dict, bool]:
   """Every curve at levels 1..C (measured in engine order if possible)."""
   m = w.model
   levels = np.arange(1, w.concurrency + 1)
-  curves = w.curves
+  curves, measured = w.curves, None
   if curves.routing is not None:
     measured = engine_curves(curves.routing, w.prompt_lens, w.output_lens,
                              levels, seed=0)
@@ -200,6 +204,12 @@ def _level_curves(w: Workload) -> tuple[dict, bool]:
                  "eviction_loads"):
       out[name] = at[name]
     out["prefill_refs"] = at["prefill_references"]
+    # Measured at levels 1..C exactly; without routing a recompute is
+    # priced as a new prefill.
+    out["recompute_misses"], out["recompute_loads"] = (
+        (measured.recompute_misses, measured.recompute_loads)
+        if measured is not None else
+        (out["prefill_misses"].copy(), out["prefill_loads"].copy()))
     return out, True
   # A prompt routes uniformly; a slot holds it with probability c / E.
   union = float(np.mean(union_size(m.num_experts, m.top_k, w.prompt_lens)))
@@ -207,6 +217,7 @@ def _level_curves(w: Workload) -> tuple[dict, bool]:
   shape = (levels.size, m.num_layers, m.num_experts + 1)
   prefill = np.broadcast_to(union * (1 - caps / m.num_experts), shape)
   out["prefill_misses"] = out["prefill_loads"] = prefill.copy()
+  out["recompute_misses"] = out["recompute_loads"] = prefill.copy()
   out["eviction_misses"] = out["eviction_loads"] = np.zeros(shape)
   out["prefill_refs"] = np.full(shape[:2], union)
   return out, False
@@ -387,8 +398,10 @@ def _layer_seconds(workload: Workload, n: int, kv_blocks: float
   def at(name):
     return (1 - frac) * cv[name][lo] + frac * cv[name][hi]
 
-  loads = op["decodes"] * at("decode_loads") + prefills * (
-      at("prefill_loads") + at("eviction_loads"))
+  loads = (op["decodes"] * at("decode_loads") +
+           op["new_prefills"] * at("prefill_loads") +
+           op["recompute_prefills"] * at("recompute_loads") +
+           prefills * at("eviction_loads"))
   return (t.tau * loads / op["tokens"],
           float(op["base_seconds"] / op["tokens"]), float(op["tokens"]))
 
@@ -487,7 +500,10 @@ def prediction(workload: Workload, split: Split,
   decode_loads = total("decode_loads") + per_decode * total("eviction_loads")
   decode_misses = total("decode_misses") + per_decode * total(
       "eviction_misses")
-  prefill_loads = total("prefill_loads")
+  new, again = float(op["new_prefills"]), float(op["recompute_prefills"])
+  prefill_loads = ((new * total("prefill_loads") +
+                    again * total("recompute_loads")) / prefills
+                   if prefills else total("prefill_loads"))
   step = float(op["base_seconds"]) + t.tau * (
       float(op["decodes"]) * decode_loads + prefills * prefill_loads)
   base_decode = float(_decode_base(w, cv, np.array([op["batch"]]),

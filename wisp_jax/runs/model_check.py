@@ -33,8 +33,8 @@ every split (uniform slots, KV blocks):
      rate (the KV dynamics); Mattson's counting (`alloc.steady`) replayed
      on the executed passes' own needed sets (the counting); and the
      engine. The executed prefills are also split by kind
-     (`recompute_rates`): a recompute re-admits a preempted request, and
-     the model prices it as a new prefill.
+     (`recompute_rates`): a recompute re-admits a preempted request (the
+     model prices it by its own curve, `alloc.steady`'s probes).
 
 Workloads tagged `fit` were used to fix the model; `held` ones were not
 (the report gives the agreement of each set). Writes `config.json`,
@@ -284,8 +284,7 @@ def executed_rates(window, model_config, hardware, bytes_per_param: int
 def recompute_rates(window) -> dict[str, float]:
   """The executed prefills by kind: the share that re-admit a preempted
   request (`recompute_share`) and the expert copies per new and per
-  recompute prefill (NaN where there is none of the kind). The model
-  prices both kinds as a new prefill."""
+  recompute prefill (NaN where there is none of the kind)."""
   prefill = [p for _, ps in window for p in ps if p.kind == "prefill"]
   loads = lambda again: [p.loads for p in prefill if p.recompute == again]
   mean = lambda x: float(np.mean(x)) if x else float("nan")
@@ -338,8 +337,8 @@ def predicted_rates(workload: Workload, split: Split, max_batch: int
 def at_executed_mix(workload: Workload, split: Split, window
                     ) -> dict[str, float]:
   """The model's traffic curves read at the executed decode batch sizes
-  (each pass at its own level) and the executed prefill rate, instead of
-  at the modelled mean batch."""
+  (each pass at its own level), the executed prefill rate and share of
+  recompute prefills, instead of at the modelled mean batch."""
   t = throughput.tables(workload)
   caps = np.asarray(split.slots_per_layer, np.int64)
   layers = np.arange(caps.size)
@@ -352,8 +351,11 @@ def at_executed_mix(workload: Workload, split: Split, window
   misses = np.mean([level("decode_misses", p.rows) + rate * level(
       "eviction_misses", p.rows) for p in decode])
   n = int(round(np.mean([p.rows for p in decode])))
+  share = recompute_rates(window)["recompute_share"]
+  share = share if np.isfinite(share) else 0.0
   return {"decode_misses": float(misses),
-          "prefill_loads": level("prefill_loads", n)}
+          "prefill_loads": (1 - share) * level("prefill_loads", n) +
+                           share * level("recompute_loads", n)}
 
 
 def replayed_counts(window, split: Split) -> dict[str, float] | None:
