@@ -1,8 +1,8 @@
 r"""The throughput model against executed engine runs.
 
 Full run (the `tiny` and `olmoe-1b-7b-small` presets with random weights,
-float32, on CPU; 21 min on a 2-core x86-64 CPU VM running a test
-suite alongside):
+float32, on CPU; 16 min on a 2-core x86-64 CPU VM, a test suite running
+alongside for the first half):
 
   .venv/bin/python experiments/model_check.py \
       --config=configs/model_check.py --workdir=workdirs/model_check
