@@ -157,3 +157,7 @@ def test_a_probe_sees_the_shadow_stacks_and_moves_nothing():
   assert decode.passes == 3 and prefill.passes == 0 and probe.passes == 1
   assert decode.misses[0].tolist() == [3, 1, 1, 0]
   assert probe.misses[0].tolist() == [1, 1, 0, 0]
+  # A shadow pass needs a copy to move.
+  with pytest.raises(ValueError, match="SHADOW_START"):
+    steady.lru_pass_counts(masks[:1], np.array([steady.SHADOW_PASS]),
+                           np.ones(1, bool), num_kinds=3)

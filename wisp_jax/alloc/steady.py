@@ -149,16 +149,17 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
   """The engine's passes for `lanes` running requests.
 
   With `probes`, a RECOMPUTE_PROBE every `PROBE_SPACING` (`wait` + 1)
-  measured steps: the prefill that re-admits a preempted request. The scheduler preempts the most recently admitted request and
-  re-admits it once a finished one frees blocks, about `wait` = (mean
-  output - 1) / lanes steps later (the time between two ends). So the
-  probe at step t, before that step's passes, needs the prompt's experts
-  and those of the decode tokens up to step t - `wait` of the request the
-  newest lane ran then, and sees the caches as they would be had that
-  request left the batch at t - `wait`: SHADOW_START and SHADOW_PASS
-  passes, one before each pass of those steps, carry the same masks but
-  the victim's decode tokens. Probes and shadow passes are not applied:
-  the other passes' counts do not depend on them (`lru_pass_counts`).
+  measured steps: the prefill that re-admits a preempted request. The
+  scheduler preempts the most recently admitted request and re-admits it
+  once a finished one frees blocks, about `wait` = (mean output - 1) /
+  lanes steps later (the time between two ends). So the probe at step t,
+  before that step's passes, needs the prompt's experts and those of the
+  decode tokens up to step t - `wait` of the request the newest lane ran
+  then, and sees the caches as they would be had that request left the
+  batch at t - `wait`: SHADOW_START and SHADOW_PASS passes, one before
+  each pass of those steps, carry the same masks less the victim's
+  decode tokens. Probes and shadow passes are not applied: the other
+  passes' counts do not depend on them (`lru_pass_counts`).
 
   Returns:
     masks `[P, L, E]` bool needed experts of each pass, kinds `[P]`
@@ -314,7 +315,8 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
   (with `per_expert`, also each expert's misses at every capacity). A
   RECOMPUTE_PROBE pass is counted on the stacks of the shadow passes
   before it (SHADOW_START copies the stacks, SHADOW_PASS moves the copy;
-  neither is counted) and leaves the stacks as they were."""
+  neither is counted; without any, on the stacks themselves) and leaves
+  the stacks as they were."""
   num_passes, num_layers, num_experts = masks.shape
   width = num_experts + 1
   if per_expert:
@@ -331,17 +333,22 @@ def lru_pass_counts(masks: np.ndarray, kinds: np.ndarray,
   count = np.zeros(num_kinds, np.int64)
   position = np.empty((num_layers, num_experts), np.int64)
   ranks = np.broadcast_to(np.arange(num_experts), (num_layers, num_experts))
-  shadow = last
+  shadow = None
   for i in range(num_passes):
     need = masks[i]
     if kinds[i] in (SHADOW_START, SHADOW_PASS):
       if kinds[i] == SHADOW_START:
         shadow = last.copy()
+      elif shadow is None:
+        raise ValueError(f"pass {i} is a SHADOW_PASS before any "
+                         "SHADOW_START.")
       shadow[need] = i
       continue
     if measured[i]:
       kind = kinds[i]
-      key = (shadow if kind == RECOMPUTE_PROBE else last) * num_experts + tie
+      view = (shadow if kind == RECOMPUTE_PROBE and shadow is not None
+              else last)
+      key = view * num_experts + tie
       np.put_along_axis(position, np.argsort(-key, axis=1), ranks, axis=1)
       hist[kind] += np.bincount((flat + position)[need],
                                 minlength=num_layers * width)
