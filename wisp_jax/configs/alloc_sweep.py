@@ -1,7 +1,7 @@
 r"""MV-WSA vs the per-workload oracle vs fixed splits, over workloads x budgets.
 
-Full run (OLMoE-1B-7B shapes on an RTX 3090; about 1 min on a 2-core
-x86-64 CPU VM):
+Full run (OLMoE-1B-7B shapes on an RTX 3090; 13 min on a 2-core x86-64
+CPU VM, most of it the six workloads' engine-order curves):
 
   .venv/bin/python experiments/alloc_sweep.py --config=configs/alloc_sweep.py \
       --workdir=workdirs/alloc_sweep
