@@ -224,7 +224,7 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
   layers = np.arange(num_layers)[None, :, None]
   # Probe step -> its mask; each step of a probe's window -> the victim's
   # lane (-1 once the victim's request has ended).
-  probes, window = {}, {}
+  probe_masks, window = {}, {}
   if every:
     for t in range(warmup + wait, total_steps, every):
       s = t - wait
@@ -235,14 +235,14 @@ def engine_stream(routing: RequestRouting, prompt_lens, output_lens,
       mask = routing.prompt_mask(r, int(prompt_at[lane, s])).copy()
       mask[layers, routing.tokens[(routing.starts[r] + np.arange(done)) %
                                   num_tokens]] = True
-      probes[t] = mask
+      probe_masks[t] = mask
       for u in range(s, t):
         window[u] = lane if request_at[lane, u] == r else -1
   masks, kinds, measured = [], [], []
   shadow = SHADOW_START
   for t in range(total_steps):
-    if t in probes:
-      masks.append(probes[t])
+    if t in probe_masks:
+      masks.append(probe_masks[t])
       kinds.append(RECOMPUTE_PROBE)
       measured.append(True)
       shadow = SHADOW_START
