@@ -12,6 +12,7 @@ import pytest
 from wisp_jax.alloc.split import Split
 from wisp_jax.models.config import get_config
 from wisp_jax.runs import model_check
+from wisp_jax.serving.engine import Engine, Request
 from wisp_jax.sim import cost
 from wisp_jax.sim.hardware import get_profile
 from wisp_jax.traces.trace import DECODE
@@ -183,3 +184,20 @@ def test_recompute_rates_split_prefills_by_kind():
   fresh = model_check.recompute_rates(window[1:])
   assert fresh["recompute_share"] == 0.0
   assert np.isnan(fresh["recompute_prefill_loads"])
+
+
+def test_pass_recorder_flags_the_prefills_that_re_admit_preempted_requests():
+  # Requests of up to 6 blocks of 4 in a pool of 10: the engine preempts,
+  # and each preempted request is prefilled again once re-admitted.
+  model = model_check.make_model("tiny", 0, "float32")
+  engine = Engine(model, None, 2, 10, 4, 4, min_prefill_bucket=32)
+  recorder = model_check.PassRecorder(engine)
+  rng = np.random.default_rng(0)
+  requests = [Request(rng.integers(0, 61, size=n), 24 - n, request_id=i)
+              for i, n in enumerate([5, 13, 5, 13, 13, 5])]
+  results = engine.run(requests)
+  assert all(r.error is None for r in results)
+  prefills = [p for p in recorder.take() if p.kind == "prefill"]
+  assert engine.num_preemptions >= 1
+  assert sum(p.recompute for p in prefills) == engine.num_preemptions
+  assert sum(not p.recompute for p in prefills) == len(requests)
